@@ -1,0 +1,1 @@
+"""What every room shares: settings, database, tables, definition models, durations, errors."""

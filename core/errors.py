@@ -1,0 +1,65 @@
+"""Domain errors: each carries its HTTP status, a code and the field it names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ErrorDetail:
+    code: str
+    message: str
+    field: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+class JourneysError(Exception):
+    """Base of every error the API turns into a 4xx body."""
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code:
+            self.code = code
+
+    def details(self) -> list[ErrorDetail]:
+        return [ErrorDetail(self.code, self.message, self.field)]
+
+
+class ValidationFailed(JourneysError):
+    status_code = 422
+    code = "invalid"
+
+    def __init__(self, errors: list[ErrorDetail]):
+        first = errors[0] if errors else ErrorDetail("invalid", "invalid input")
+        super().__init__(first.message, field=first.field, code=first.code)
+        self.errors = errors or [first]
+
+    def details(self) -> list[ErrorDetail]:
+        return self.errors
+
+
+class NotFound(JourneysError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(JourneysError):
+    status_code = 409
+    code = "conflict"
+
+
+class Unauthorized(JourneysError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(JourneysError):
+    status_code = 403
+    code = "forbidden"

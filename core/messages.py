@@ -1,0 +1,48 @@
+"""What a journey step asks of the messaging activity, and what it gets back.
+
+The journey workflow calls the activity by name (`SEND_MESSAGE_ACTIVITY`) so that the
+workflow module imports nothing that does I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+SEND_MESSAGE_ACTIVITY = "send_message"
+
+Channel = Literal["email", "sms"]
+InDoubtPolicy = Literal["skip", "resend"]
+SendStatus = Literal["sent", "skipped", "failed", "in_doubt"]
+
+
+def idempotency_key(workflow_id: str, run_id: str, step_id: str) -> str:
+    """The one key a send is recorded under: `{workflow id}:{run id}:{step id}`."""
+    return f"{workflow_id}:{run_id}:{step_id}"
+
+
+class SendMessageInput(BaseModel):
+    workflow_id: str
+    run_id: str
+    step_id: str
+    journey_slug: str
+    version: int
+    customer_id: str
+    channel: Channel
+    template: str
+    in_doubt_policy: InDoubtPolicy = "skip"
+    # Position of the run-timeline line this send writes (see RunEvent.seq).
+    seq: int = 0
+
+    @property
+    def idempotency_key(self) -> str:
+        return idempotency_key(self.workflow_id, self.run_id, self.step_id)
+
+
+class SendMessageResult(BaseModel):
+    status: SendStatus
+    message_id: int | None = None
+    # Why a send was skipped or failed, in words a support agent can read.
+    reason: str | None = None
+    subject: str | None = None

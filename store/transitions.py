@@ -1,0 +1,195 @@
+"""Segment memberships and the transition outbox.
+
+`apply_membership` is the one place memberships change: it diffs a staged set of
+(segment, customer) rows against the stored memberships inside the caller's transaction
+and writes one `entered` / `exited` transition per change, so a crash mid-pass leaves
+the old state whole and a rerun with nothing changed writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.engine import Connection
+
+from core.tables import UTCDateTime
+
+
+@dataclass(frozen=True)
+class MembershipDiff:
+    entries: int
+    exits: int
+
+
+def _create_stage(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            text(
+                "CREATE TEMP TABLE IF NOT EXISTS staged_membership ("
+                " segment_slug varchar(200) NOT NULL, customer_id varchar(255) NOT NULL,"
+                " context text NOT NULL DEFAULT '{}',"
+                " PRIMARY KEY (segment_slug, customer_id)) ON COMMIT DELETE ROWS"
+            )
+        )
+    else:
+        conn.execute(
+            text(
+                "CREATE TEMP TABLE IF NOT EXISTS staged_membership ("
+                " segment_slug TEXT NOT NULL, customer_id TEXT NOT NULL,"
+                " context TEXT NOT NULL DEFAULT '{}',"
+                " PRIMARY KEY (segment_slug, customer_id)) WITHOUT ROWID"
+            )
+        )
+    conn.execute(text("DELETE FROM staged_membership"))
+
+
+def apply_membership(
+    conn: Connection,
+    *,
+    segment_slugs: Sequence[str],
+    staged_sql: str,
+    params: dict[str, Any],
+    source: str,
+    now: datetime,
+    customer_ids: Sequence[str] | None = None,
+    expanding: Sequence[str] = (),
+) -> MembershipDiff:
+    """Make the memberships of `segment_slugs` equal the rows `staged_sql` selects.
+
+    `staged_sql` is a SELECT of `(segment_slug, customer_id)` or
+    `(segment_slug, customer_id, context)` where context is JSON text carried onto the
+    entry transition; `expanding` names its list parameters (`IN :ids`). With
+    `customer_ids`, only those customers' memberships are in scope (real-time
+    re-evaluation of one customer). Runs in the caller's transaction.
+    """
+    if not segment_slugs:
+        return MembershipDiff(0, 0)
+    _create_stage(conn)
+    expand = [bindparam(name, expanding=True) for name in expanding]
+    probe = text(f"SELECT * FROM ({staged_sql}) q LIMIT 0").bindparams(*expand)
+    with_context = "q.context" if "context" in conn.execute(probe, params).keys() else "'{}'"
+    conn.execute(
+        text(
+            "INSERT INTO staged_membership (segment_slug, customer_id, context) "
+            f"SELECT q.segment_slug, q.customer_id, {with_context} FROM ({staged_sql}) q"
+        ).bindparams(*expand),
+        params,
+    )
+    scope_params: dict[str, Any] = {
+        "slugs": list(segment_slugs),
+        "source": source,
+        "now": now,
+    }
+    customer_scope = ""
+    if customer_ids is not None:
+        customer_scope = " AND m.customer_id IN :customer_ids"
+        scope_params["customer_ids"] = list(customer_ids)
+
+    def run(sql: str) -> int:
+        statement = text(sql).bindparams(
+            bindparam("slugs", expanding=True),
+            bindparam("now", type_=UTCDateTime()),
+            *([bindparam("customer_ids", expanding=True)] if customer_ids is not None else []),
+        )
+        used = {k: v for k, v in scope_params.items() if f":{k}" in sql}
+        return conn.execute(statement, used).rowcount or 0
+
+    context_cast = "CAST(s.context AS jsonb)" if conn.dialect.name == "postgresql" else "s.context"
+    exits = run(
+        "INSERT INTO segment_transitions"
+        " (segment_slug, customer_id, kind, source, context, occurred_at)"
+        " SELECT m.segment_slug, m.customer_id, 'exited', :source, '{}', :now"
+        " FROM segment_memberships m"
+        " WHERE m.segment_slug IN :slugs" + customer_scope + " AND NOT EXISTS ("
+        "  SELECT 1 FROM staged_membership s"
+        "  WHERE s.segment_slug = m.segment_slug AND s.customer_id = m.customer_id)"
+        " ORDER BY m.segment_slug, m.customer_id"
+    )
+    entries = run(
+        "INSERT INTO segment_transitions"
+        " (segment_slug, customer_id, kind, source, context, occurred_at)"
+        f" SELECT s.segment_slug, s.customer_id, 'entered', :source, {context_cast}, :now"
+        " FROM staged_membership s"
+        " WHERE NOT EXISTS ("
+        "  SELECT 1 FROM segment_memberships m"
+        "  WHERE m.segment_slug = s.segment_slug AND m.customer_id = s.customer_id)"
+        " ORDER BY s.segment_slug, s.customer_id"
+    )
+    if exits:
+        run(
+            "DELETE FROM segment_memberships"
+            " WHERE segment_slug IN :slugs"
+            + customer_scope.replace("m.customer_id", "customer_id")
+            + " AND NOT EXISTS (SELECT 1 FROM staged_membership s"
+            "  WHERE s.segment_slug = segment_memberships.segment_slug"
+            "  AND s.customer_id = segment_memberships.customer_id)"
+        )
+    if entries:
+        run(
+            "INSERT INTO segment_memberships (segment_slug, customer_id, since)"
+            " SELECT s.segment_slug, s.customer_id, :now FROM staged_membership s"
+            " WHERE NOT EXISTS (SELECT 1 FROM segment_memberships m"
+            "  WHERE m.segment_slug = s.segment_slug AND m.customer_id = s.customer_id)"
+        )
+    conn.execute(text("DELETE FROM staged_membership"))
+    return MembershipDiff(entries=entries, exits=exits)
+
+
+def record_transitions(
+    conn: Connection,
+    *,
+    segment_slug: str,
+    customer_ids: Sequence[str],
+    kind: str,
+    source: str,
+    now: datetime,
+) -> MembershipDiff:
+    """Externally owned segments: add (`entered`) or remove (`exited`) members.
+
+    Only real changes are recorded, so a repeated report changes nothing.
+    """
+    ids = sorted(set(customer_ids))
+    if not ids:
+        return MembershipDiff(0, 0)
+    staged = (
+        "SELECT :slug AS segment_slug, c.id AS customer_id FROM customers c WHERE c.id IN :ids"
+        if kind == "entered"
+        else "SELECT :slug AS segment_slug, c.id AS customer_id FROM customers c WHERE 1 = 0"
+    )
+    return apply_membership(
+        conn,
+        segment_slugs=[segment_slug],
+        staged_sql=staged,
+        params={"slug": segment_slug, "ids": ids},
+        expanding=("ids",),
+        source=source,
+        now=now,
+        customer_ids=ids,
+    )
+
+
+def fetch_undispatched(conn: Connection, *, limit: int) -> list[dict[str, Any]]:
+    """The oldest transitions not yet handed to journeys, in the order they were written."""
+    rows = conn.execute(
+        text(
+            "SELECT id, segment_slug, customer_id, kind, source, context, occurred_at"
+            " FROM segment_transitions WHERE dispatched_at IS NULL ORDER BY id LIMIT :limit"
+        ),
+        {"limit": limit},
+    ).mappings()
+    return [dict(r) for r in rows]
+
+
+def mark_dispatched(conn: Connection, *, ids: Sequence[int], now: datetime) -> None:
+    if not ids:
+        return
+    conn.execute(
+        text("UPDATE segment_transitions SET dispatched_at = :now WHERE id IN :ids").bindparams(
+            bindparam("ids", expanding=True), bindparam("now", type_=UTCDateTime())
+        ),
+        {"ids": list(ids), "now": now},
+    )
