@@ -1,0 +1,1 @@
+"""FastAPI control plane: one router per resource; talks to Temporal only through the client."""

@@ -1,0 +1,56 @@
+"""The app factory: settings, store (migrated on start), Temporal client, routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from api.deps import KeyCache, TemporalConnector
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from core.db import make_engine
+from core.migrate import migrate
+from core.settings import Settings, get_settings
+from store.keys import ensure_key
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the API; the store is migrated and the bootstrap admin key ensured on start."""
+    settings = settings or get_settings()
+    engine = engine or make_engine(settings.resolved_database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        migrate(engine)
+        if settings.bootstrap_admin_key:
+            with Session(engine) as session:
+                ensure_key(session, secret=settings.bootstrap_admin_key, role="admin", name="bootstrap")
+                session.commit()
+        yield
+
+    app = FastAPI(
+        title="journeys",
+        version="0.1.0",
+        summary="RFM-driven lifecycle journeys on Temporal",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.temporal = TemporalConnector(settings.temporal_address, settings.temporal_namespace)
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    _include_routers(app)
+    return app
+
+
+def _include_routers(app: FastAPI) -> None:
+    from api import customers, events, health, keys
+
+    for module in (health, keys, events, customers):
+        app.include_router(module.router)
+    # --- routers of the other rooms (rfm, segments, journeys, messages, runs) ---

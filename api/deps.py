@@ -1,0 +1,131 @@
+"""Dependencies: the session (one transaction per request), the Temporal client, the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+from temporalio.client import Client
+
+from core.errors import Forbidden, Unauthorized
+from core.settings import Settings
+from store.keys import VerifiedKey, hash_key, verify_key
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine_dep(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One transaction per request: committed when the handler returns, rolled back on error."""
+    with Session(request.app.state.engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+class TemporalConnector:
+    """Connects once, lazily, so the API starts (and answers /readyz) while Temporal is down."""
+
+    def __init__(self, address: str, namespace: str):
+        self.address = address
+        self.namespace = namespace
+        self._client: Client | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Client:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    from temporalio.contrib.pydantic import pydantic_data_converter
+
+                    self._client = await Client.connect(
+                        self.address,
+                        namespace=self.namespace,
+                        data_converter=pydantic_data_converter,
+                    )
+        return self._client
+
+
+async def get_temporal(request: Request) -> Client:
+    return await request.app.state.temporal.get()
+
+
+class KeyCache:
+    """Verified keys by hash for a few seconds, so a request costs no key lookup."""
+
+    def __init__(self, ttl_seconds: float):
+        self.ttl = ttl_seconds
+        self._entries: dict[str, tuple[float, VerifiedKey]] = {}
+
+    def get(self, digest: str) -> VerifiedKey | None:
+        hit = self._entries.get(digest)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
+    def put(self, digest: str, key: VerifiedKey) -> None:
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[digest] = (time.monotonic() + self.ttl, key)
+
+    def forget(self, key_id: str) -> None:
+        for digest, (_, key) in list(self._entries.items()):
+            if key.id == key_id:
+                del self._entries[digest]
+
+
+def current_key(request: Request) -> VerifiedKey:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("missing API key: send Authorization: Bearer <key>", field="authorization")
+    secret = secret.strip()
+    cache: KeyCache = request.app.state.key_cache
+    digest = hash_key(secret)
+    key = cache.get(digest)
+    if key is None:
+        with Session(request.app.state.engine) as session:
+            key = verify_key(session, secret=secret)
+        if key is None:
+            raise Unauthorized("unknown or revoked API key", field="authorization")
+        cache.put(digest, key)
+    request.state.key = key
+    return key
+
+
+def require_role(*roles: str) -> Callable[..., VerifiedKey]:
+    """A dependency that lets `admin` and the named roles through, 403 for the rest."""
+    allowed = {"admin", *roles}
+
+    def check(key: Annotated[VerifiedKey, Depends(current_key)]) -> VerifiedKey:
+        if key.role not in allowed:
+            raise Forbidden(
+                f"role {key.role!r} may not do this; needs one of {sorted(allowed)}",
+                field="authorization",
+            )
+        return key
+
+    return check
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+EngineDep = Annotated[Engine, Depends(get_engine_dep)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+TemporalDep = Annotated[Client, Depends(get_temporal)]
+AdminKey = Annotated[VerifiedKey, Depends(require_role())]
+MarketerKey = Annotated[VerifiedKey, Depends(require_role("marketer"))]
+IngestKey = Annotated[VerifiedKey, Depends(require_role("ingest"))]
+SupportKey = Annotated[VerifiedKey, Depends(require_role("support", "marketer"))]

@@ -1,0 +1,75 @@
+"""API keys: stored as SHA-256 of the secret (keys are 256-bit random, so a slow hash
+buys nothing), shown once at creation."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Session, select
+
+from core.errors import NotFound
+from core.tables import ApiKey, utcnow
+
+ROLES = ("admin", "marketer", "ingest", "support")
+
+
+@dataclass(frozen=True)
+class VerifiedKey:
+    id: str
+    role: str
+    name: str
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_key(session: Session, *, role: str, name: str, secret: str | None = None) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the secret, which is never stored."""
+    secret = secret or f"jk_{role}_{secrets.token_urlsafe(32)}"
+    row = ApiKey(
+        id=f"key_{secrets.token_hex(8)}",
+        name=name,
+        role=role,
+        key_hash=hash_key(secret),
+        prefix=secret[:12],
+    )
+    session.add(row)
+    session.flush()
+    return row, secret
+
+
+def ensure_key(session: Session, *, secret: str, role: str, name: str) -> ApiKey:
+    """Make `secret` a live key with `role` (the bootstrap admin key)."""
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(secret))).first()
+    if row is None:
+        row, _ = create_key(session, role=role, name=name, secret=secret)
+    elif row.revoked_at is not None or row.role != role:
+        row.revoked_at = None
+        row.role = role
+        session.add(row)
+    return row
+
+
+def verify_key(session: Session, *, secret: str) -> VerifiedKey | None:
+    row = session.exec(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+    ).first()
+    return VerifiedKey(row.id, row.role, row.name) if row else None
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.exec(select(ApiKey).order_by(ApiKey.created_at)))  # type: ignore[arg-type]
+
+
+def revoke_key(session: Session, *, key_id: str, now: datetime | None = None) -> ApiKey:
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"no key {key_id}", field="id")
+    if row.revoked_at is None:
+        row.revoked_at = now or utcnow()
+        session.add(row)
+    return row
