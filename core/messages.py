@@ -6,15 +6,18 @@ workflow module imports nothing that does I/O.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel
+
+from core.journeys import FrequencyCap, QuietHours
 
 SEND_MESSAGE_ACTIVITY = "send_message"
 
 Channel = Literal["email", "sms"]
 InDoubtPolicy = Literal["skip", "resend"]
-SendStatus = Literal["sent", "skipped", "failed", "in_doubt"]
+SendStatus = Literal["sent", "skipped", "failed", "in_doubt", "deferred"]
 
 
 def idempotency_key(workflow_id: str, run_id: str, step_id: str) -> str:
@@ -32,6 +35,8 @@ class SendMessageInput(BaseModel):
     channel: Channel
     template: str
     in_doubt_policy: InDoubtPolicy = "skip"
+    quiet_hours: QuietHours | None = None
+    frequency_cap: FrequencyCap | None = None
     # Position of the run-timeline line this send writes (see RunEvent.seq).
     seq: int = 0
 
@@ -46,3 +51,6 @@ class SendMessageResult(BaseModel):
     # Why a send was skipped or failed, in words a support agent can read.
     reason: str | None = None
     subject: str | None = None
+    # With status "deferred" (quiet hours, frequency cap): when to try again; the
+    # workflow sleeps on a durable timer until then and calls again.
+    deferred_until: datetime | None = None
