@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -11,6 +16,8 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 
+from core.db import make_engine
+from core.migrate import migrate
 from core.settings import Settings
 
 
@@ -24,14 +31,23 @@ async def connect_client(settings: Settings) -> Client:
 
 def workflow_classes() -> list[type]:
     """Every workflow the product runs."""
-    workflows: list[type] = []
+    from workflows.realtime import RealtimeWorkflow
+
+    workflows: list[type] = [RealtimeWorkflow]
     # --- workflows of each room register here ---
     return workflows
 
 
-def activity_functions(settings: Settings, engine: Engine, client: Client) -> list[Callable[..., Any]]:
+def activity_functions(
+    settings: Settings, engine: Engine, client: Client
+) -> list[Callable[..., Any]]:
     """Every activity, bound to the store, the settings and the client it needs."""
-    activities: list[Callable[..., Any]] = []
+    from activities.realtime import RealtimeActivities
+
+    realtime = RealtimeActivities(
+        engine, settings, customer_steps=realtime_customer_steps(), event_sink=None
+    )
+    activities: list[Callable[..., Any]] = [realtime.process_realtime]
     # --- activities of each room register here ---
     return activities
 
@@ -60,3 +76,55 @@ def build_worker(
         max_concurrent_activities=settings.worker_max_activities,
         max_cached_workflows=settings.worker_max_cached_workflows,
     )
+
+
+def realtime_customer_steps() -> list[Any]:
+    """What happens to a customer with a new event or changed attributes, in order."""
+    return []
+
+
+async def ensure_background_workflows(client: Client, settings: Settings) -> None:
+    """Start the singleton workflows (real-time processor, dispatcher) unless running."""
+    from temporalio.common import WorkflowIDConflictPolicy
+
+    from activities.realtime import RealtimeInput
+    from workflows.realtime import REALTIME_WORKFLOW_ID, RealtimeWorkflow
+
+    await client.start_workflow(
+        RealtimeWorkflow.run,
+        RealtimeInput(),
+        id=REALTIME_WORKFLOW_ID,
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+
+
+async def connect_with_retry(settings: Settings, seconds: float = 60) -> Client:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        try:
+            return await connect_client(settings)
+        except Exception:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def run_worker(settings: Settings) -> None:
+    """Migrate, connect, start the singletons and poll until SIGTERM / SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    engine = make_engine(settings.resolved_database_url)
+    migrate(engine)
+    client = await connect_with_retry(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with build_worker(client, settings, engine):
+        await ensure_background_workflows(client, settings)
+        ready_file = os.environ.get("JOURNEYS_WORKER_READY_FILE")
+        if ready_file:
+            Path(ready_file).write_text(str(os.getpid()))
+        logging.getLogger("journeys.worker").info("worker polling %s", settings.task_queue)
+        await stop.wait()

@@ -28,7 +28,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         migrate(engine)
         if settings.bootstrap_admin_key:
             with Session(engine) as session:
-                ensure_key(session, secret=settings.bootstrap_admin_key, role="admin", name="bootstrap")
+                ensure_key(
+                    session, secret=settings.bootstrap_admin_key, role="admin", name="bootstrap"
+                )
                 session.commit()
         yield
 
@@ -54,3 +56,6 @@ def _include_routers(app: FastAPI) -> None:
     for module in (health, keys, events, customers):
         app.include_router(module.router)
     # --- routers of the other rooms (rfm, segments, journeys, messages, runs) ---
+    from api import journeys
+
+    app.include_router(journeys.router)

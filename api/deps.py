@@ -91,7 +91,9 @@ def current_key(request: Request) -> VerifiedKey:
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
-        raise Unauthorized("missing API key: send Authorization: Bearer <key>", field="authorization")
+        raise Unauthorized(
+            "missing API key: send Authorization: Bearer <key>", field="authorization"
+        )
     secret = secret.strip()
     cache: KeyCache = request.app.state.key_cache
     digest = hash_key(secret)

@@ -66,11 +66,15 @@ def _code(kind: str) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JourneysError)
     async def _domain(_: Request, exc: JourneysError) -> JSONResponse:
-        return JSONResponse(error_body(exc.details()), status_code=exc.status_code)
+        return JSONResponse(
+            {**exc.extra(), **error_body(exc.details())}, status_code=exc.status_code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(details_from_pydantic(exc.errors())), status_code=422)
+        details = details_from_pydantic(exc.errors())
+        status = 400 if any(d.code == "malformed_json" for d in details) else 422
+        return JSONResponse(error_body(details), status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

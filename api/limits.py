@@ -55,13 +55,22 @@ class _BodyTooLarge(HTTPException):
 
 async def _too_large(send: Send, limit: int) -> None:
     body = orjson.dumps(
-        {"error": {"code": "too_large", "message": f"body larger than {limit} bytes", "field": "body"}}
+        {
+            "error": {
+                "code": "too_large",
+                "message": f"body larger than {limit} bytes",
+                "field": "body",
+            }
+        }
     )
     await send(
         {
             "type": "http.response.start",
             "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -31,6 +31,10 @@ class JourneysError(Exception):
     def details(self) -> list[ErrorDetail]:
         return [ErrorDetail(self.code, self.message, self.field)]
 
+    def extra(self) -> dict[str, object]:
+        """Members the error body carries beside `error` (e.g. a bulk result)."""
+        return {}
+
 
 class ValidationFailed(JourneysError):
     status_code = 422

@@ -75,6 +75,14 @@ def _json(default: Any = dict) -> Any:
 
 class Customer(SQLModel, table=True):
     __tablename__ = "customers"
+    __table_args__ = (
+        Index(
+            "ix_customers_pending",
+            "id",
+            sqlite_where=text("realtime_pending"),
+            postgresql_where=text("realtime_pending"),
+        ),
+    )
 
     id: str = Field(sa_column=Column(String(255), primary_key=True))
     email: str | None = Field(default=None, sa_column=Column(String(320), index=True))
@@ -84,6 +92,10 @@ class Customer(SQLModel, table=True):
     sms_unsubscribed_at: datetime | None = _ts(nullable=True)
     created_at: datetime = _now_ts()
     updated_at: datetime = _now_ts()
+    # Set when attributes change, so real-time segment re-evaluation picks the customer up.
+    realtime_pending: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false"))
+    )
 
 
 class Event(SQLModel, table=True):
@@ -156,11 +168,13 @@ class RfmPass(SQLModel, table=True):
     """One scoring pass; `cutpoints` keeps what real-time rescoring places customers on."""
 
     __tablename__ = "rfm_passes"
+    # Real-time rescoring reads a model's newest pass on every call.
+    __table_args__ = (Index("ix_rfm_passes_model_id", "model_slug", "id"),)
 
     id: int | None = Field(
         default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True)
     )
-    model_slug: str = Field(sa_column=Column(String(100), nullable=False, index=True))
+    model_slug: str = Field(sa_column=Column(String(100), nullable=False))
     model_version: int = Field(sa_column=Column(Integer, nullable=False))
     as_of: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     started_at: datetime = _now_ts()

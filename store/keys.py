@@ -27,7 +27,9 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_key(session: Session, *, role: str, name: str, secret: str | None = None) -> tuple[ApiKey, str]:
+def create_key(
+    session: Session, *, role: str, name: str, secret: str | None = None
+) -> tuple[ApiKey, str]:
     """Create a key; returns the row and the secret, which is never stored."""
     secret = secret or f"jk_{role}_{secrets.token_urlsafe(32)}"
     row = ApiKey(

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 02:08:17.505550
+Create Date: 2026-11-24 02:15:38.891889
 """
 
 from collections.abc import Sequence
@@ -51,10 +51,20 @@ def upgrade() -> None:
         sa.Column("sms_unsubscribed_at", core.tables.UTCDateTime(timezone=True), nullable=True),
         sa.Column("created_at", core.tables.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", core.tables.UTCDateTime(timezone=True), nullable=False),
+        sa.Column(
+            "realtime_pending", sa.Boolean(), server_default=sa.text("(false)"), nullable=False
+        ),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("customers", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_customers_email"), ["email"], unique=False)
+        batch_op.create_index(
+            "ix_customers_pending",
+            ["id"],
+            unique=False,
+            sqlite_where=sa.text("realtime_pending"),
+            postgresql_where=sa.text("realtime_pending"),
+        )
         batch_op.create_index(batch_op.f("ix_customers_phone"), ["phone"], unique=False)
 
     op.create_table(
@@ -286,7 +296,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("rfm_passes", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_rfm_passes_model_slug"), ["model_slug"], unique=False)
+        batch_op.create_index("ix_rfm_passes_model_id", ["model_slug", "id"], unique=False)
 
     op.create_table(
         "rfm_scores",
@@ -450,7 +460,7 @@ def downgrade() -> None:
 
     op.drop_table("rfm_scores")
     with op.batch_alter_table("rfm_passes", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_rfm_passes_model_slug"))
+        batch_op.drop_index("ix_rfm_passes_model_id")
 
     op.drop_table("rfm_passes")
     op.drop_table("rfm_models")
@@ -487,6 +497,11 @@ def downgrade() -> None:
     op.drop_table("events")
     with op.batch_alter_table("customers", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_customers_phone"))
+        batch_op.drop_index(
+            "ix_customers_pending",
+            sqlite_where=sa.text("realtime_pending"),
+            postgresql_where=sa.text("realtime_pending"),
+        )
         batch_op.drop_index(batch_op.f("ix_customers_email"))
 
     op.drop_table("customers")

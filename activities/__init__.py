@@ -1,0 +1,1 @@
+"""Every side effect a workflow needs, grouped by what it touches."""

@@ -1,0 +1,117 @@
+"""Real-time processing of new events and attribute changes.
+
+A long-running activity (kept alive by `RealtimeWorkflow`) claims what arrived since it
+last looked, re-scores and re-evaluates those customers in the same transaction as the
+claim (so a crash re-processes instead of losing work), then signals the customers'
+running journeys with the events (goals, waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy.engine import Connection, Engine
+from temporalio import activity
+
+from core.settings import Settings
+from core.tables import utcnow
+from store.customers import claim_pending_customers
+from store.events import claim_pending_events
+
+log = logging.getLogger("journeys.realtime")
+
+PROCESS_REALTIME_ACTIVITY = "process_realtime"
+
+CustomerStep = Callable[[Connection, Sequence[str]], object]
+EventSink = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
+
+
+class RealtimeInput(BaseModel):
+    run_seconds: float = 3600.0
+    batch_size: int = 2_000
+
+
+class RealtimeResult(BaseModel):
+    events: int = 0
+    customers: int = 0
+
+
+class RealtimeActivities:
+    """Bound to the store and the steps of the other rooms (scoring, segments, journeys)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        customer_steps: Sequence[CustomerStep],
+        event_sink: EventSink | None,
+    ):
+        self.engine = engine
+        self.settings = settings
+        self.customer_steps = list(customer_steps)
+        self.event_sink = event_sink
+
+    def process_batch(self, batch_size: int) -> tuple[list[dict[str, Any]], list[str]]:
+        """Claim a batch and apply every customer step to it, all in one transaction."""
+        with self.engine.begin() as conn:
+            events = claim_pending_events(conn, limit=batch_size)
+            changed = claim_pending_customers(conn, limit=batch_size)
+            customer_ids = sorted({e["customer_id"] for e in events} | set(changed))
+            if customer_ids:
+                for step in self.customer_steps:
+                    step(conn, customer_ids)
+        return events, customer_ids
+
+    @activity.defn(name=PROCESS_REALTIME_ACTIVITY)
+    async def process_realtime(self, request: RealtimeInput) -> RealtimeResult:
+        result = RealtimeResult()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.run_seconds
+        while loop.time() < deadline:
+            activity.heartbeat(result.events)
+            events, customers = await asyncio.to_thread(self.process_batch, request.batch_size)
+            result.events += len(events)
+            result.customers += len(customers)
+            if events and self.event_sink is not None:
+                await self._deliver(events)
+            if len(events) < request.batch_size and len(customers) < request.batch_size:
+                await asyncio.sleep(self.settings.realtime_poll_seconds)
+        return result
+
+    async def _deliver(self, events: Sequence[dict[str, Any]]) -> None:
+        # The claim is committed; a Temporal hiccup must not drop the signals, so retry
+        # with backoff while the activity lives (a worker crash here is the one gap).
+        assert self.event_sink is not None
+        delay = 0.2
+        while True:
+            try:
+                await self.event_sink(events)
+                return
+            except Exception:  # noqa: BLE001
+                log.exception("signalling %d events to journeys failed; retrying", len(events))
+                activity.heartbeat()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def rescoring_step(now_factory: Callable[[], Any] = utcnow) -> CustomerStep:
+    from store.scoring import rescore_customers
+
+    def step(conn: Connection, customer_ids: Sequence[str]) -> object:
+        return rescore_customers(conn, customer_ids=customer_ids, now=now_factory())
+
+    return step
+
+
+def segment_step(now_factory: Callable[[], Any] = utcnow) -> CustomerStep:
+    from store.segments import reevaluate_customers
+
+    def step(conn: Connection, customer_ids: Sequence[str]) -> object:
+        return reevaluate_customers(conn, customer_ids=customer_ids, now=now_factory())
+
+    return step

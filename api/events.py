@@ -1,0 +1,67 @@
+"""Behavioural events in: one at a time or in bulk, idempotent by `event_id`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from api.bulk import BulkResult, PartlyRejected, read_batch
+from api.deps import EngineDep, IngestKey
+from core.events import EventIn
+from core.tables import utcnow
+from store.events import insert_event, insert_events
+
+router = APIRouter(prefix="/v1/events", tags=["events"])
+
+
+class EventAccepted(BaseModel):
+    event_id: str
+    duplicate: bool
+
+
+@router.post(
+    "",
+    response_model=EventAccepted,
+    status_code=201,
+    responses={200: {"model": EventAccepted, "description": "a repeat of a stored event_id"}},
+)
+def post_event(
+    event: EventIn, engine: EngineDep, _: IngestKey, response: Response
+) -> EventAccepted:
+    """Store one event; a repeated `event_id` answers 200 `{"duplicate": true}`."""
+    with engine.begin() as conn:
+        inserted = insert_event(conn, event=event, now=utcnow())
+    if not inserted:
+        response.status_code = 200
+    return EventAccepted(event_id=event.event_id, duplicate=not inserted)
+
+
+@router.post(
+    "/bulk",
+    response_model=BulkResult,
+    responses={422: {"description": "some lines rejected; the body reports what was stored"}},
+)
+async def post_events_bulk(
+    request: Request,
+    engine: EngineDep,
+    _: IngestKey,
+    realtime: bool = Query(
+        True, description="false for a history import: no real-time rescoring or journeys"
+    ),
+) -> BulkResult:
+    """NDJSON or a JSON array of events: valid lines are stored, invalid ones reported."""
+    settings = request.app.state.settings
+    batch = await read_batch(request, EventIn, settings.max_bulk_lines)
+
+    def store() -> int:
+        with engine.begin() as conn:
+            return insert_events(conn, events=batch.records, now=utcnow(), realtime=realtime)
+
+    accepted = await run_in_threadpool(store) if batch.records else 0
+    result = BulkResult(
+        accepted=accepted, duplicates=len(batch.records) - accepted, rejected=batch.rejected
+    )
+    if batch.rejected:
+        raise PartlyRejected(result)
+    return result

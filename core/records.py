@@ -1,0 +1,111 @@
+"""Reading batches of records (NDJSON, a JSON array, CSV) into validated models, line by line."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from core.events import LineRejection, rejection_from
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+@dataclass
+class ParsedBatch(Generic[Model]):
+    """The valid records of a batch (with the fields each line set) and every rejection."""
+
+    records: list[Model] = field(default_factory=list)
+    fields_set: list[set[str]] = field(default_factory=list)
+    rejected: list[LineRejection] = field(default_factory=list)
+
+
+def json_records(body: bytes) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded value or ValueError) from NDJSON, or items of a JSON array."""
+    stripped = body.lstrip()
+    if stripped.startswith(b"["):
+        try:
+            items = orjson.loads(stripped)
+        except orjson.JSONDecodeError as exc:
+            yield 1, ValueError(f"malformed JSON array: {exc}")
+            return
+        yield from enumerate(items, start=1)
+        return
+    for number, raw in enumerate(body.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            yield number, ValueError(f"malformed JSON: {exc}")
+
+
+def _csv_value(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    return value if isinstance(value, (int, float, bool, dict, list)) else text
+
+
+def csv_records(lines: Iterable[str], known: set[str]) -> Iterator[tuple[int, Any]]:
+    """Rows of a CSV with a header: known columns kept as text, the rest become properties
+    (or attributes); a `properties` / `attributes` column holds a JSON object."""
+    reader = csv.DictReader(lines)
+    for row in reader:
+        number = reader.line_num
+        record: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for column, value in row.items():
+            if column is None:
+                return_error = ValueError("more values than header columns")
+                yield number, return_error
+                break
+            if column in known:
+                if value != "":
+                    record[column] = value
+            elif column in ("properties", "attributes"):
+                try:
+                    extra.update(orjson.loads(value) if value else {})
+                except orjson.JSONDecodeError as exc:
+                    yield number, ValueError(f"column {column}: malformed JSON: {exc}")
+                    break
+            elif value != "":
+                extra[column] = _csv_value(value)
+        else:
+            bag = "attributes" if "attributes" in known else "properties"
+            record[bag] = extra
+            yield number, record
+
+
+def parse_batch(records: Iterable[tuple[int, Any]], model: type[Model]) -> ParsedBatch[Model]:
+    """Validate each record; a bad one is rejected with its line and field, the rest kept."""
+    batch: ParsedBatch[Model] = ParsedBatch()
+    for number, value in records:
+        if isinstance(value, ValueError):
+            batch.rejected.append(LineRejection(line=number, field=None, message=str(value)))
+            continue
+        if not isinstance(value, dict):
+            batch.rejected.append(
+                LineRejection(line=number, field=None, message="each line must be a JSON object")
+            )
+            continue
+        try:
+            record = model.model_validate(value)
+        except ValidationError as exc:
+            batch.rejected.append(rejection_from(number, exc))
+            continue
+        batch.records.append(record)
+        batch.fields_set.append(set(record.model_fields_set))
+    return batch
+
+
+def csv_text(data: bytes) -> Iterator[str]:
+    return iter(io.StringIO(data.decode("utf-8-sig")))

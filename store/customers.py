@@ -1,0 +1,165 @@
+"""Customer profiles: create or replace, merge attributes, read with their segments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
+
+from core.events import CustomerBulkLine, CustomerIn
+from core.tables import Customer, SegmentMembership
+
+customers = Customer.__table__
+memberships = SegmentMembership.__table__
+
+
+def merge_attributes(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Top-level merge; a null value removes the attribute (as Customer.io does)."""
+    merged = dict(current)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _upsert(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    insert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(customers)
+    statement = insert.values(rows)
+    statement = statement.on_conflict_do_update(
+        index_elements=["id"],
+        set_={
+            "email": statement.excluded.email,
+            "phone": statement.excluded.phone,
+            "attributes": statement.excluded.attributes,
+            "updated_at": statement.excluded.updated_at,
+            "realtime_pending": True,
+        },
+    )
+    conn.execute(statement)
+
+
+def get_customer(
+    conn: Connection, *, customer_id: str, lock: bool = False
+) -> dict[str, Any] | None:
+    query = select(customers).where(customers.c.id == customer_id)
+    if lock:
+        query = query.with_for_update()
+    row = conn.execute(query).mappings().first()
+    return dict(row) if row else None
+
+
+def put_customer(
+    conn: Connection, *, customer_id: str, profile: CustomerIn, now: datetime
+) -> tuple[dict[str, Any], bool]:
+    """Create or replace a profile; returns it and whether it was created."""
+    existing = get_customer(conn, customer_id=customer_id, lock=True)
+    row = {
+        "id": customer_id,
+        "email": profile.email,
+        "phone": profile.phone,
+        "attributes": {k: v for k, v in profile.attributes.items() if v is not None},
+        "created_at": existing["created_at"] if existing else now,
+        "updated_at": now,
+        "realtime_pending": True,
+    }
+    _upsert(conn, [row])
+    return get_customer(conn, customer_id=customer_id) or row, existing is None
+
+
+def patch_customer(
+    conn: Connection, *, customer_id: str, changes: dict[str, Any], now: datetime
+) -> tuple[dict[str, Any], bool]:
+    """Merge `changes` (email, phone, attributes) into a profile, creating it if needed."""
+    existing = get_customer(conn, customer_id=customer_id, lock=True)
+    base = existing or {"email": None, "phone": None, "attributes": {}, "created_at": now}
+    row = {
+        "id": customer_id,
+        "email": changes["email"] if "email" in changes else base["email"],
+        "phone": changes["phone"] if "phone" in changes else base["phone"],
+        "attributes": merge_attributes(base["attributes"] or {}, changes.get("attributes") or {}),
+        "created_at": base["created_at"],
+        "updated_at": now,
+        "realtime_pending": True,
+    }
+    _upsert(conn, [row])
+    return get_customer(conn, customer_id=customer_id) or row, existing is None
+
+
+def upsert_customers(
+    conn: Connection,
+    *,
+    lines: Sequence[CustomerBulkLine],
+    fields_set: Sequence[set[str]],
+    now: datetime,
+) -> int:
+    """Bulk upsert: attributes merged, email/phone replaced only where the line gives them."""
+    latest: dict[str, tuple[CustomerBulkLine, set[str]]] = {}
+    merged_attributes: dict[str, dict[str, Any]] = {}
+    ids = list(dict.fromkeys(line.customer_id for line in lines))
+    existing = {
+        row["id"]: dict(row)
+        for chunk in _chunks(ids, 5_000)
+        for row in conn.execute(select(customers).where(customers.c.id.in_(chunk))).mappings()
+    }
+    for line, given in zip(lines, fields_set, strict=True):
+        base = merged_attributes.get(line.customer_id)
+        if base is None:
+            base = (existing.get(line.customer_id) or {}).get("attributes") or {}
+        merged_attributes[line.customer_id] = merge_attributes(base, line.attributes)
+        previous = latest.get(line.customer_id)
+        latest[line.customer_id] = (line, given | (previous[1] if previous else set()))
+    rows = []
+    for cid, (line, given) in latest.items():
+        old = existing.get(cid) or {}
+        rows.append(
+            {
+                "id": cid,
+                "email": line.email if "email" in given else old.get("email"),
+                "phone": line.phone if "phone" in given else old.get("phone"),
+                "attributes": merged_attributes[cid],
+                "created_at": old.get("created_at", now),
+                "updated_at": now,
+                "realtime_pending": True,
+            }
+        )
+    for chunk in _chunks(rows, 2_000):
+        _upsert(conn, chunk)
+    return len(rows)
+
+
+def customer_segments(conn: Connection, *, customer_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(memberships.c.segment_slug, memberships.c.since)
+        .where(memberships.c.customer_id == customer_id)
+        .order_by(memberships.c.segment_slug)
+    ).mappings()
+    return [{"segment": r["segment_slug"], "since": r["since"]} for r in rows]
+
+
+def claim_pending_customers(conn: Connection, *, limit: int) -> list[str]:
+    """Customers whose attributes changed since the real-time processor last looked."""
+    ids = list(
+        conn.execute(
+            select(customers.c.id)
+            .where(text("realtime_pending"))
+            .order_by(customers.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).scalars()
+    )
+    if ids:
+        conn.execute(
+            customers.update().where(customers.c.id.in_(ids)).values(realtime_pending=False)
+        )
+    return ids
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
