@@ -99,36 +99,29 @@ def upsert_customers(
     fields_set: Sequence[set[str]],
     now: datetime,
 ) -> int:
-    """Bulk upsert: attributes merged, email/phone replaced only where the line gives them."""
-    latest: dict[str, tuple[CustomerBulkLine, set[str]]] = {}
-    merged_attributes: dict[str, dict[str, Any]] = {}
+    """Bulk upsert: attributes merged, email/phone replaced only where a line gives them.
+
+    Lines apply in order, so two lines for one customer act like two PATCHes.
+    """
     ids = list(dict.fromkeys(line.customer_id for line in lines))
     existing = {
         row["id"]: dict(row)
         for chunk in _chunks(ids, 5_000)
         for row in conn.execute(select(customers).where(customers.c.id.in_(chunk))).mappings()
     }
+    merged: dict[str, dict[str, Any]] = {}
     for line, given in zip(lines, fields_set, strict=True):
-        base = merged_attributes.get(line.customer_id)
-        if base is None:
-            base = (existing.get(line.customer_id) or {}).get("attributes") or {}
-        merged_attributes[line.customer_id] = merge_attributes(base, line.attributes)
-        previous = latest.get(line.customer_id)
-        latest[line.customer_id] = (line, given | (previous[1] if previous else set()))
-    rows = []
-    for cid, (line, given) in latest.items():
-        old = existing.get(cid) or {}
-        rows.append(
-            {
-                "id": cid,
-                "email": line.email if "email" in given else old.get("email"),
-                "phone": line.phone if "phone" in given else old.get("phone"),
-                "attributes": merged_attributes[cid],
-                "created_at": old.get("created_at", now),
-                "updated_at": now,
-                "realtime_pending": True,
-            }
-        )
+        old = merged.get(line.customer_id) or existing.get(line.customer_id) or {}
+        merged[line.customer_id] = {
+            "id": line.customer_id,
+            "email": line.email if "email" in given else old.get("email"),
+            "phone": line.phone if "phone" in given else old.get("phone"),
+            "attributes": merge_attributes(old.get("attributes") or {}, line.attributes),
+            "created_at": old.get("created_at", now),
+            "updated_at": now,
+            "realtime_pending": True,
+        }
+    rows = list(merged.values())
     for chunk in _chunks(rows, 2_000):
         _upsert(conn, chunk)
     return len(rows)

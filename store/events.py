@@ -57,8 +57,9 @@ def insert_event(conn: Connection, *, event: EventIn, now: datetime, realtime: b
             realtime_pending=realtime,
         )
         .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(Event.__table__.c.id)
     )
-    return (conn.execute(statement).rowcount or 0) == 1
+    return conn.execute(statement).first() is not None
 
 
 def insert_events(
