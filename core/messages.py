@@ -39,6 +39,9 @@ class SendMessageInput(BaseModel):
     frequency_cap: FrequencyCap | None = None
     # Position of the run-timeline line this send writes (see RunEvent.seq).
     seq: int = 0
+    # Optional: the workflow's time of the send (`workflow.now()`). Quiet hours and the
+    # frequency cap are decided at the later of this and the worker's clock.
+    scheduled_at: datetime | None = None
 
     @property
     def idempotency_key(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,6 +55,11 @@ class Settings(BaseSettings):
     twilio_auth_token: str = ""
     twilio_base_url: str = "https://api.twilio.com"
     twilio_from: str = ""
+    # Messaging: provider call timeout, global frequency cap (0 = none), unknown-outcome policy.
+    provider_timeout_seconds: float = 10.0
+    frequency_cap_max: int = 0
+    frequency_cap_period: timedelta = timedelta(days=7)
+    frequency_cap_action: str = "defer"
 
     temporal_cli_path: str = ""
 

@@ -1,0 +1,284 @@
+"""The local outbox and message templates: list captured messages, add / edit / delete
+templates (validated on save), preview a template for a sample customer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import MarketerKey, SessionDep, SettingsDep, SupportKey
+from core.errors import Conflict, ErrorDetail, NotFound, ValidationFailed
+from core.rendering import (
+    TemplateProblem,
+    customer_context,
+    is_email_template,
+    render_email,
+    render_sms,
+    template_context,
+    validate_template,
+)
+from store import messages as message_store
+from store import templates as template_store
+
+outbox_router = APIRouter(prefix="/v1/outbox", tags=["messages"])
+templates_router = APIRouter(prefix="/v1/templates", tags=["templates"])
+
+TemplatePath = Annotated[
+    str, Path(min_length=1, max_length=300, description="e.g. champions/welcome.html")
+]
+
+
+# --- outbox -----------------------------------------------------------------------------
+
+
+class OutboxMessage(BaseModel):
+    id: int
+    channel: str
+    to: str | None
+    subject: str | None
+    body: str | None
+    text_body: str | None
+    headers: dict[str, Any]
+    step: str | None
+    journey: str | None
+    version: int | None
+    customer_id: str
+    template: str | None
+    idempotency_key: str
+    links: list[Any]
+    status: str
+    created_at: datetime
+
+
+class OutboxPage(BaseModel):
+    data: list[OutboxMessage]
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null at the end"
+    )
+
+
+@outbox_router.get("", response_model=OutboxPage, summary="Messages captured without a provider")
+def list_outbox(
+    session: SessionDep,
+    _: SupportKey,
+    customer_id: str | None = None,
+    journey: str | None = None,
+    channel: Literal["email", "sms"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = None,
+) -> OutboxPage:
+    after_id: int | None = None
+    if cursor:
+        if not cursor.isdigit():
+            raise ValidationFailed(
+                [ErrorDetail("invalid", "cursor is not one we gave out", "cursor")]
+            )
+        after_id = int(cursor)
+    rows = message_store.list_outbox(
+        session,
+        customer_id=customer_id,
+        journey=journey,
+        channel=channel,
+        after_id=after_id,
+        limit=limit + 1,
+    )
+    page = rows[:limit]
+    return OutboxPage(
+        data=[
+            OutboxMessage(
+                id=row.id,
+                channel=row.channel,
+                to=row.to,
+                subject=row.subject,
+                body=row.body,
+                text_body=row.text_body,
+                headers=row.headers,
+                step=row.step,
+                journey=row.journey_slug,
+                version=row.version,
+                customer_id=row.customer_id,
+                template=row.template,
+                idempotency_key=row.idempotency_key,
+                links=row.links,
+                status=row.status,
+                created_at=row.created_at,
+            )
+            for row in page
+        ],
+        next_cursor=str(page[-1].id) if len(rows) > limit else None,
+    )
+
+
+# --- templates --------------------------------------------------------------------------
+
+
+class TemplateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=300, examples=["champions/winter.html"])
+    source: str = Field(min_length=1, max_length=512 * 1024)
+
+
+class TemplateSourceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=512 * 1024)
+
+
+class TemplatePublic(BaseModel):
+    path: str
+    channel: Literal["email", "sms"]
+    origin: Literal["shipped", "api"]
+    source: str
+    updated_at: datetime | None = None
+
+
+class TemplatesPublic(BaseModel):
+    data: list[TemplatePublic]
+
+
+class SampleCustomer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = "sample-customer"
+    email: str | None = "ada@example.com"
+    phone: str | None = "+15555550100"
+    attributes: dict[str, Any] = Field(default_factory=lambda: {"first_name": "Ada"})
+
+
+class PreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="A stored or shipped template to render")
+    source: str | None = Field(None, description="Or a template source, with `channel`")
+    channel: Literal["email", "sms"] = "email"
+    customer: SampleCustomer = Field(default_factory=SampleCustomer)
+
+
+class PreviewPublic(BaseModel):
+    channel: Literal["email", "sms"]
+    subject: str | None = None
+    preheader: str | None = None
+    html: str | None = None
+    text: str
+    links: list[str] = Field(default_factory=list)
+    sms_encoding: str | None = None
+    sms_segments: int | None = None
+
+
+def _public(template: template_store.StoredTemplate) -> TemplatePublic:
+    return TemplatePublic(
+        path=template.path,
+        channel="email" if is_email_template(template.path) else "sms",
+        origin=template.origin,  # type: ignore[arg-type]
+        source=template.source,
+        updated_at=template.updated_at,
+    )
+
+
+def _validated(path: str, source: str) -> None:
+    problem = template_store.template_path_problem(path)
+    if problem:
+        raise ValidationFailed([ErrorDetail("invalid", problem, "path")])
+    try:
+        validate_template(source, path=path)
+    except TemplateProblem as exc:
+        raise ValidationFailed(
+            [ErrorDetail("template_syntax" if exc.line else "invalid", exc.message, "source")]
+        ) from exc
+
+
+@templates_router.get("", response_model=TemplatesPublic, summary="Every template")
+def list_templates(session: SessionDep, _: MarketerKey) -> TemplatesPublic:
+    return TemplatesPublic(data=[_public(t) for t in template_store.list_templates(session)])
+
+
+@templates_router.post(
+    "", response_model=TemplatePublic, status_code=201, summary="Add a template (validated)"
+)
+def create_template(body: TemplateIn, session: SessionDep, _: MarketerKey) -> TemplatePublic:
+    _validated(body.path, body.source)
+    if (
+        template_store.template_exists(session, path=body.path)
+        and template_store.get_template(session, path=body.path).origin == "api"
+    ):
+        raise Conflict(f"template {body.path!r} exists; PUT replaces it", field="path")
+    return _public(template_store.save_template(session, path=body.path, source=body.source))
+
+
+@templates_router.post(
+    "/preview", response_model=PreviewPublic, summary="Render for a sample customer"
+)
+def preview_template(
+    body: PreviewIn, session: SessionDep, settings: SettingsDep, _: MarketerKey
+) -> PreviewPublic:
+    if body.path:
+        source = template_store.load_template(session, path=body.path)
+        channel = "email" if is_email_template(body.path) else "sms"
+        path = body.path
+    elif body.source:
+        source, channel = body.source, body.channel
+        path = "preview.html" if channel == "email" else "preview.sms.txt"
+    else:
+        raise ValidationFailed(
+            [ErrorDetail("missing_field", "give a template path or a source", "path")]
+        )
+    _validated(path, source)
+    customer = customer_context(
+        customer_id=body.customer.id,
+        email=body.customer.email,
+        phone=body.customer.phone,
+        attributes=body.customer.attributes,
+    )
+    context = template_context(
+        customer,
+        journey="preview",
+        step="preview",
+        unsubscribe_url=f"{settings.public_url.rstrip('/')}/u/preview",
+    )
+    try:
+        if channel == "email":
+            email = render_email(source, context)
+            return PreviewPublic(
+                channel="email",
+                subject=email.subject,
+                preheader=email.preheader,
+                html=email.html,
+                text=email.text,
+                links=email.links,
+            )
+        sms = render_sms(source, context)
+    except TemplateProblem as exc:
+        raise ValidationFailed([ErrorDetail("render_failed", exc.message, "source")]) from exc
+    return PreviewPublic(
+        channel="sms", text=sms.body, sms_encoding=sms.encoding, sms_segments=sms.segments
+    )
+
+
+@templates_router.get("/{path:path}", response_model=TemplatePublic, summary="One template")
+def get_template(path: TemplatePath, session: SessionDep, _: MarketerKey) -> TemplatePublic:
+    if not template_store.template_exists(session, path=path):
+        raise NotFound(f"template {path!r} not found", field="path")
+    return _public(template_store.get_template(session, path=path))
+
+
+@templates_router.put("/{path:path}", response_model=TemplatePublic, summary="Create or replace")
+def put_template(
+    path: TemplatePath, body: TemplateSourceIn, session: SessionDep, _: MarketerKey
+) -> TemplatePublic:
+    _validated(path, body.source)
+    return _public(template_store.save_template(session, path=path, source=body.source))
+
+
+@templates_router.delete(
+    "/{path:path}", status_code=204, response_class=Response, summary="Delete an API-added template"
+)
+def delete_template(path: TemplatePath, session: SessionDep, _: MarketerKey) -> Response:
+    template_store.delete_template(session, path=path)
+    return Response(status_code=204)
+
+
+routers = (outbox_router, templates_router)

@@ -1,0 +1,357 @@
+"""Rendering message templates: pure functions, no I/O.
+
+Template format (documented in templates/README.md):
+- Email (`*.html`): a Jinja2 template with three blocks, `subject`, `preheader`
+  (optional) and `html`. Subject and preheader are plain text (whitespace collapsed).
+- SMS (`*.txt`, by convention `*.sms.txt`): the whole file is the message text.
+
+Templates run in Jinja2's `SandboxedEnvironment` (a template that reaches for Python
+internals raises `SecurityError`), HTML is autoescaped, and undefined names fail
+(`StrictUndefined`) unless given a `| default(...)`. Context: `customer` (id, email,
+phone, first_name and every attribute), `name` (first name or "there"), `journey`,
+`step`, `unsubscribe_url`.
+
+This module lives in core because the API validates and previews templates and the
+messaging activity renders them; neither may import the other.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from html.parser import HTMLParser
+from typing import Any
+
+from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
+
+EMAIL_BLOCKS = ("subject", "preheader", "html")
+REQUIRED_EMAIL_BLOCKS = ("subject", "html")
+
+
+class TemplateProblem(Exception):
+    """A template that cannot be saved or rendered; `line` is 1-based when known."""
+
+    def __init__(self, message: str, *, line: int | None = None, security: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.security = security
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    subject: str
+    preheader: str
+    html: str
+    text: str
+    links: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RenderedSms:
+    body: str
+    encoding: str  # "GSM-7" | "UCS-2"
+    segments: int
+
+
+_html_env = SandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+_text_env = SandboxedEnvironment(autoescape=False, undefined=StrictUndefined)
+
+
+def is_email_template(path: str) -> bool:
+    return path.endswith(".html")
+
+
+def _env_for(path: str) -> SandboxedEnvironment:
+    return _html_env if is_email_template(path) else _text_env
+
+
+def validate_template(source: str, *, path: str) -> None:
+    """Raise TemplateProblem (naming the line) when `source` is not a usable template."""
+    env = _env_for(path)
+    try:
+        parsed = env.parse(source)
+    except TemplateSyntaxError as exc:
+        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
+    if is_email_template(path):
+        names = {block.name for block in parsed.find_all(_block_node())}
+        missing = [name for name in REQUIRED_EMAIL_BLOCKS if name not in names]
+        if missing:
+            raise TemplateProblem(
+                "an email template needs {% block subject %} and {% block html %}; missing: "
+                + ", ".join(missing)
+            )
+
+
+def _block_node() -> type:
+    from jinja2 import nodes
+
+    return nodes.Block
+
+
+def customer_context(
+    *, customer_id: str, email: str | None, phone: str | None, attributes: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The `customer` a template sees: attributes plus id, email, phone and first_name.
+
+    Empty values are left out so that `| default(...)` applies to them.
+    """
+    customer: dict[str, Any] = {
+        key: value for key, value in attributes.items() if value not in (None, "")
+    }
+    customer.update({"id": customer_id, "email": email, "phone": phone})
+    if "first_name" not in customer:
+        for key in ("firstName", "given_name", "name", "full_name"):
+            value = customer.get(key)
+            if isinstance(value, str) and value.strip():
+                customer["first_name"] = value.strip().split()[0]
+                break
+    return {key: value for key, value in customer.items() if value not in (None, "")}
+
+
+def template_context(
+    customer: Mapping[str, Any],
+    *,
+    journey: str | None = None,
+    step: str | None = None,
+    unsubscribe_url: str = "",
+) -> dict[str, Any]:
+    """Every name a template may use."""
+    context: dict[str, Any] = {
+        "customer": dict(customer),
+        "name": customer.get("first_name") or "there",
+        "unsubscribe_url": unsubscribe_url,
+    }
+    if journey:
+        context["journey"] = journey
+    if step:
+        context["step"] = step
+    return context
+
+
+@lru_cache(maxsize=512)
+def _compiled(source: str, html: bool) -> Template:
+    # Compiling costs ~10 ms; a template's source is its cache key, so an edited
+    # template compiles afresh. Compiled templates are safe to share between threads.
+    return (_html_env if html else _text_env).from_string(source)
+
+
+def _render_block(template: Any, name: str, context: dict[str, Any]) -> str:
+    block = template.blocks.get(name)
+    if block is None:
+        return ""
+    return "".join(block(template.new_context(context)))
+
+
+def _run(render: Callable[[], Any]) -> Any:
+    try:
+        return render()
+    except SecurityError as exc:
+        raise TemplateProblem(f"unsafe template: {exc}", security=True) from exc
+    except TemplateSyntaxError as exc:
+        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
+    except TemplateError as exc:
+        raise TemplateProblem(f"template failed to render: {exc}") from exc
+
+
+def _plain_line(text: str) -> str:
+    return " ".join(html.unescape(text).split())
+
+
+def render_email(
+    source: str,
+    context: dict[str, Any],
+    *,
+    track_link: Callable[[str], str] | None = None,
+) -> RenderedEmail:
+    """Render an email template: subject, preheader, HTML (links tracked) and a text part.
+
+    `track_link(url)` returns the tracked URL for a link target; links to the
+    unsubscribe URL are left alone. A footer with the unsubscribe link is added when
+    the template has none.
+    """
+
+    def render() -> RenderedEmail:
+        template = _compiled(source, True)
+        subject = _plain_line(_render_block(template, "subject", context))
+        preheader = _plain_line(_render_block(template, "preheader", context))
+        body = _render_block(template, "html", context)
+        return _finish_email(subject, preheader, body, context, track_link)
+
+    return _run(render)
+
+
+def _finish_email(
+    subject: str,
+    preheader: str,
+    body: str,
+    context: dict[str, Any],
+    track_link: Callable[[str], str] | None,
+) -> RenderedEmail:
+    unsubscribe_url = str(context.get("unsubscribe_url") or "")
+    if unsubscribe_url and html.escape(unsubscribe_url) not in body and unsubscribe_url not in body:
+        body = _insert_before_body_end(body, _unsubscribe_footer(unsubscribe_url))
+    if preheader:
+        body = _insert_after_body_start(body, _hidden_preheader(preheader))
+    targets: list[str] = []
+    if track_link is not None:
+        body, targets = rewrite_links(body, track_link, keep={unsubscribe_url})
+    else:
+        targets = [target for target in link_targets(body) if target != unsubscribe_url]
+    return RenderedEmail(
+        subject=subject, preheader=preheader, html=body, text=html_to_text(body), links=targets
+    )
+
+
+def render_sms(source: str, context: dict[str, Any]) -> RenderedSms:
+    """Render an SMS template and count its segments."""
+
+    def render() -> RenderedSms:
+        body = _compiled(source, False).render(context).strip()
+        encoding, segments = sms_segments(body)
+        return RenderedSms(body=body, encoding=encoding, segments=segments)
+
+    return _run(render)
+
+
+# --- links ------------------------------------------------------------------------------
+
+_HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"']+)\2""", re.IGNORECASE)
+
+
+def link_targets(body: str) -> list[str]:
+    """Every http(s) link target of `<a href>` in `body`, in order."""
+    return [html.unescape(match.group(3)) for match in _HREF.finditer(body)]
+
+
+def rewrite_links(
+    body: str, track_link: Callable[[str], str], *, keep: set[str] = frozenset()
+) -> tuple[str, list[str]]:
+    """Replace every http(s) `<a href>` with `track_link(target)`; returns the new HTML
+    and the original targets. Targets in `keep` stay as they are."""
+    targets: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        target = html.unescape(match.group(3))
+        if target in keep:
+            return match.group(0)
+        targets.append(target)
+        quote = match.group(2)
+        return f"{match.group(1)}{quote}{html.escape(track_link(target))}{quote}"
+
+    return _HREF.sub(replace, body), targets
+
+
+def _insert_after_body_start(body: str, snippet: str) -> str:
+    match = re.search(r"<body\b[^>]*>", body, re.IGNORECASE)
+    if match:
+        return body[: match.end()] + snippet + body[match.end() :]
+    return snippet + body
+
+
+def _insert_before_body_end(body: str, snippet: str) -> str:
+    index = body.lower().rfind("</body>")
+    if index >= 0:
+        return body[:index] + snippet + body[index:]
+    return body + snippet
+
+
+def _hidden_preheader(preheader: str) -> str:
+    # Mail clients show the first text of the body beside the subject; hide it in the body.
+    return (
+        '<div class="preheader" style="display:none;max-height:0;overflow:hidden;'
+        f'mso-hide:all">{html.escape(preheader)}</div>'
+    )
+
+
+def _unsubscribe_footer(url: str) -> str:
+    return (
+        '<p class="unsubscribe" style="font-size:12px;color:#777">'
+        f'<a href="{html.escape(url)}">Unsubscribe</a> from these emails.</p>'
+    )
+
+
+# --- plain text -------------------------------------------------------------------------
+
+_BLOCK_TAGS = {
+    "p", "div", "br", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol",
+    "section", "header", "footer", "hr", "blockquote",
+}  # fmt: skip
+_SKIPPED_TAGS = {"style", "script", "head", "title"}
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+        self._hidden = 0
+        self._href: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag in _SKIPPED_TAGS:
+            self._skip += 1
+        elif "preheader" in (attributes.get("class") or ""):
+            self._hidden += 1
+        if tag in _BLOCK_TAGS:
+            self.parts.append("\n")
+        if tag == "li":
+            self.parts.append("- ")
+        if tag == "a":
+            self._href.append(attributes.get("href"))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIPPED_TAGS and self._skip:
+            self._skip -= 1
+        elif tag == "div" and self._hidden:
+            self._hidden -= 1
+        if tag == "a" and self._href:
+            href = self._href.pop()
+            if href and not self._skip and not self._hidden:
+                self.parts.append(f" ({href})")
+        if tag in _BLOCK_TAGS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip and not self._hidden:
+            self.parts.append(data)
+
+
+def html_to_text(body: str) -> str:
+    """A readable plain-text part of an HTML email: block elements on their own lines,
+    links as `text (url)`, styles and the hidden preheader left out."""
+    parser = _TextExtractor()
+    parser.feed(body)
+    parser.close()
+    lines = [" ".join(line.split()) for line in "".join(parser.parts).splitlines()]
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+# --- SMS segments -----------------------------------------------------------------------
+
+_GSM7_BASIC = set(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+_GSM7_EXTENSION = set("^{}\\[~]|€\f")
+
+
+def sms_segments(body: str) -> tuple[str, int]:
+    """The encoding an SMS needs and how many segments it takes.
+
+    GSM-7: 160 septets in one segment, 153 per segment when concatenated (extension
+    characters take two). Otherwise UCS-2: 70 UTF-16 units, 67 per part.
+    """
+    if all(char in _GSM7_BASIC or char in _GSM7_EXTENSION for char in body):
+        septets = sum(2 if char in _GSM7_EXTENSION else 1 for char in body)
+        return "GSM-7", 1 if septets <= 160 else math.ceil(septets / 153)
+    units = len(body.encode("utf-16-le")) // 2
+    return "UCS-2", 1 if units <= 70 else math.ceil(units / 67)

@@ -1,0 +1,220 @@
+"""The send_message activity inside Temporal: a worker process SIGKILLed between the
+provider call and the activity's completion, and deferrals (quiet hours, frequency cap)
+slept on durable timers on the time-skipping server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from sqlalchemy.engine import Engine
+from temporalio.worker import Worker
+
+from activities.messaging import MessagingActivities
+from api.app import create_app
+from tests.utils.journey_runtime import client_for
+from tests.utils.messaging import (
+    ProviderStub,
+    SendGridSigner,
+    SendStepRequest,
+    SendStepWorkflow,
+    add_customer,
+    message_rows,
+    provider_settings,
+    run_events,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def stub() -> Iterator[ProviderStub]:
+    server = ProviderStub().start()
+    yield server
+    server.stop()
+
+
+async def _wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
+    # Polling for a file the worker writes; not a timed assertion, only a bound on waiting.
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"worker exited early: {process.stdout.read().decode() if process.stdout else ''}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError("the worker never reached the provider")
+        await asyncio.sleep(0.05)
+
+
+async def test_worker_killed_after_the_provider_call_sends_once_and_resolves(
+    sqlite_engine: Engine, stub: ProviderStub, dev_server_env: Any, tmp_path: Path
+) -> None:
+    add_customer(sqlite_engine, "c-1")
+    database_url = sqlite_engine.url.render_as_string(hide_password=False)
+    client = client_for(dev_server_env)
+    address = dev_server_env.client.service_client.config.target_host
+    task_queue = f"sigkill-{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "provider-answered"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.utils.messaging_worker",
+            address,
+            task_queue,
+            database_url,
+            stub.url,
+            str(marker),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        # This process runs the workflow only; the activity runs in the worker process.
+        async with Worker(client, task_queue=task_queue, workflows=[SendStepWorkflow]):
+            handle = await client.start_workflow(
+                SendStepWorkflow.run,
+                SendStepRequest(customer_id="c-1", attempt_timeout_seconds=3),
+                id=f"journey:champions:c-1:{uuid.uuid4().hex[:6]}",
+                task_queue=task_queue,
+            )
+            await _wait_for(marker, process)
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            assert message_rows(sqlite_engine)[0]["status"] == "sending"
+
+            settings = provider_settings(stub, database_url=database_url)
+            messaging = MessagingActivities(engine=sqlite_engine, settings=settings)
+            async with Worker(
+                client,
+                task_queue=task_queue,
+                activities=messaging.all(),
+                activity_executor=ThreadPoolExecutor(4),
+            ):
+                [result] = await handle.result()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert result.status == "in_doubt"
+    assert len(stub.of_path("/v3/mail/send")) == 1
+    [row] = message_rows(sqlite_engine)
+    assert row["status"] == "in_doubt"
+    assert [line["kind"] for line in run_events(sqlite_engine)] == ["in_doubt"]
+
+    # SendGrid's signed webhook, carrying the key from custom_args, resolves it.
+    signer = SendGridSigner.generate()
+    app = create_app(
+        settings.model_copy(update={"sendgrid_webhook_public_key": signer.public_key_base64}),
+        sqlite_engine,
+    )
+    key = row["idempotency_key"]
+    payload = json.dumps(
+        [
+            {
+                "event": "delivered",
+                "email": "ada@example.com",
+                "timestamp": int(datetime.now(UTC).timestamp()),
+                "sg_event_id": "ev-1",
+                "idempotency_key": key,
+            }
+        ]
+    ).encode()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as api:
+        response = await api.post(
+            "/webhooks/sendgrid", content=payload, headers=signer.headers(payload)
+        )
+    assert response.status_code == 200
+    assert message_rows(sqlite_engine)[0]["status"] == "delivered"
+    assert len(stub.of_path("/v3/mail/send")) == 1
+
+
+async def test_quiet_hours_wait_on_a_durable_timer(
+    sqlite_engine: Engine, stub: ProviderStub, time_skipping_env: Any
+) -> None:
+    client = client_for(time_skipping_env)
+    task_queue = f"quiet-{uuid.uuid4().hex[:8]}"
+    # Quiet all day but the minute before midnight in the customer's zone: whenever
+    # the test runs, the send waits (on a timer) until 23:59 there, then goes.
+    add_customer(sqlite_engine, "c-1", attributes={"first_name": "Ada", "tz": "America/New_York"})
+    messaging = MessagingActivities(engine=sqlite_engine, settings=provider_settings(stub))
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[SendStepWorkflow],
+        activities=messaging.all(),
+        activity_executor=ThreadPoolExecutor(4),
+    ):
+        started = await client.execute_workflow(
+            SendStepWorkflow.run,
+            SendStepRequest(
+                customer_id="c-1",
+                quiet_hours={"start": "00:00", "end": "23:59", "timezone_attribute": "tz"},
+            ),
+            id=f"quiet-{uuid.uuid4().hex[:8]}",
+            task_queue=task_queue,
+        )
+    statuses = [result.status for result in started]
+    if statuses == ["sent"]:
+        pytest.skip("the test ran in the one minute that is not quiet")
+    assert statuses == ["deferred", "sent"]
+    until = started[0].deferred_until
+    assert (
+        until is not None
+        and until.astimezone(ZoneInfo("America/New_York")).strftime("%H:%M") == "23:59"
+    )
+    assert len(stub.of_path("/v3/mail/send")) == 1
+    assert [line["kind"] for line in run_events(sqlite_engine)] == ["deferred", "sent"]
+
+
+async def test_frequency_cap_defers_on_a_durable_timer(
+    sqlite_engine: Engine, stub: ProviderStub, time_skipping_env: Any
+) -> None:
+    client = client_for(time_skipping_env)
+    task_queue = f"cap-{uuid.uuid4().hex[:8]}"
+    add_customer(sqlite_engine, "c-1")
+    messaging = MessagingActivities(engine=sqlite_engine, settings=provider_settings(stub))
+    cap = {"max_messages": 1, "per": "P3D", "action": "defer"}
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[SendStepWorkflow],
+        activities=messaging.all(),
+        activity_executor=ThreadPoolExecutor(4),
+    ):
+        results = await client.execute_workflow(
+            SendStepWorkflow.run,
+            SendStepRequest(
+                customer_id="c-1",
+                step_id="welcome",
+                frequency_cap=cap,
+                then=[("vip", "champions/vip_rewards.html")],
+            ),
+            id=f"cap-{uuid.uuid4().hex[:8]}",
+            task_queue=task_queue,
+        )
+    # The second send waited three days of (skipped) time for the first to leave the window.
+    assert [r.status for r in results] == ["sent", "deferred", "sent"]
+    assert results[1].deferred_until is not None
+    assert [line["kind"] for line in run_events(sqlite_engine)] == ["sent", "deferred", "sent"]
+    assert len(stub.of_path("/v3/mail/send")) == 2
