@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
@@ -15,6 +14,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.deps import MarketerKey, SessionDep
 from core.errors import JourneysError
 from store.journeys import (
+    SHIPPED_JOURNEYS_DIR,
     JourneyState,
     RunningWorkflow,
     activate_journey,
@@ -30,7 +30,7 @@ from store.journeys import (
 
 router = APIRouter(prefix="/v1/journeys", tags=["journeys"])
 
-_EXAMPLE = Path(__file__).resolve().parent.parent / "templates" / "journeys" / "champions.json"
+_EXAMPLE = SHIPPED_JOURNEYS_DIR / "champions.json"
 
 
 def _example() -> dict[str, Any]:
