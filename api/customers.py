@@ -22,6 +22,8 @@ from store.customers import (
     upsert_customers,
 )
 from store.keys import VerifiedKey
+from store.rfm_models import CustomerScore, customer_scores
+from store.runs import RunSummary, customer_runs
 
 router = APIRouter(prefix="/v1/customers", tags=["customers"])
 
@@ -60,9 +62,9 @@ class CustomerPublic(BaseModel):
 
 
 class CustomerDetail(CustomerPublic):
-    scores: list[dict[str, Any]] = Field(default_factory=list)
+    scores: list[CustomerScore] = Field(default_factory=list)
     segments: list[SegmentMembershipPublic] = Field(default_factory=list)
-    journeys: list[dict[str, Any]] = Field(default_factory=list)
+    journeys: list[RunSummary] = Field(default_factory=list)
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -117,13 +119,12 @@ def get(customer_id: CustomerId, engine: EngineDep, _: ReaderKey) -> CustomerDet
         if row is None:
             raise NotFound(f"no customer {customer_id}", field="customer_id")
         segments = customer_segments(conn, customer_id=customer_id)
-        extra = customer_picture(conn, customer_id=customer_id)
-    return CustomerDetail(**_public(row), segments=segments, **extra)
-
-
-def customer_picture(conn: Any, *, customer_id: str) -> dict[str, Any]:
-    """Scores and journey runs from the rooms that own them."""
-    return {}
+        scores = customer_scores(conn, customer_id=customer_id)
+        journeys = [
+            RunSummary.model_validate(run.model_dump(exclude={"timeline"}))
+            for run in customer_runs(conn, customer_id=customer_id)
+        ]
+    return CustomerDetail(**_public(row), segments=segments, scores=scores, journeys=journeys)
 
 
 @router.post(

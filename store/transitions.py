@@ -90,12 +90,11 @@ def apply_membership(
         scope_params["customer_ids"] = list(customer_ids)
 
     def run(sql: str) -> int:
-        statement = text(sql).bindparams(
-            bindparam("slugs", expanding=True),
-            bindparam("now", type_=UTCDateTime()),
-            *([bindparam("customer_ids", expanding=True)] if customer_ids is not None else []),
-        )
+        typed = [bindparam("slugs", expanding=True), bindparam("now", type_=UTCDateTime())]
+        if customer_ids is not None:
+            typed.append(bindparam("customer_ids", expanding=True))
         used = {k: v for k, v in scope_params.items() if f":{k}" in sql}
+        statement = text(sql).bindparams(*[p for p in typed if p.key in used])
         return conn.execute(statement, used).rowcount or 0
 
     context_cast = "CAST(s.context AS jsonb)" if conn.dialect.name == "postgresql" else "s.context"
