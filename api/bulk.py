@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from core.errors import ErrorDetail, JourneysError
 from core.events import LineRejection
-from core.records import ParsedBatch, json_records, parse_batch
+from core.records import ParsedBatch, parse_body
 
 BULK_TYPES = ("application/x-ndjson", "application/json", "application/jsonl", "text/plain", "")
 
@@ -56,11 +57,17 @@ async def read_batch(request: Request, model: type[BaseModel], max_lines: int) -
     body = await request.body()
     if not body.strip():
         raise JourneysError("the body is empty", field="body", code="empty_body")
-    records = list(json_records(body))
-    if len(records) > max_lines:
+    # Parsing a large batch is CPU work: keep it off the event loop.
+    return await run_in_threadpool(_parse, body, model, max_lines)
+
+
+def _parse(body: bytes, model: type[BaseModel], max_lines: int) -> ParsedBatch[Any]:
+    batch = parse_body(body, model)
+    seen = len(batch.records) + len(batch.rejected)
+    if seen > max_lines:
         raise JourneysError(
-            f"at most {max_lines} records per request; got {len(records)}",
+            f"at most {max_lines} records per request; got {seen}",
             field="body",
             code="too_many_records",
         )
-    return parse_batch(records, model)
+    return batch

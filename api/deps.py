@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from temporalio.client import Client
@@ -17,11 +18,13 @@ from core.settings import Settings
 from store.keys import VerifiedKey, hash_key, verify_key
 
 
-def get_settings_dep(request: Request) -> Settings:
+# The trivial dependencies are `async def` so that FastAPI runs them on the event loop
+# instead of handing each to the thread pool (measured: 4 handoffs per request).
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine_dep(request: Request) -> Engine:
+async def get_engine_dep(request: Request) -> Engine:
     return request.app.state.engine
 
 
@@ -87,7 +90,12 @@ class KeyCache:
                 del self._entries[digest]
 
 
-def current_key(request: Request) -> VerifiedKey:
+def _lookup_key(engine: Engine, secret: str) -> VerifiedKey | None:
+    with Session(engine) as session:
+        return verify_key(session, secret=secret)
+
+
+async def current_key(request: Request) -> VerifiedKey:
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
@@ -99,8 +107,7 @@ def current_key(request: Request) -> VerifiedKey:
     digest = hash_key(secret)
     key = cache.get(digest)
     if key is None:
-        with Session(request.app.state.engine) as session:
-            key = verify_key(session, secret=secret)
+        key = await run_in_threadpool(_lookup_key, request.app.state.engine, secret)
         if key is None:
             raise Unauthorized("unknown or revoked API key", field="authorization")
         cache.put(digest, key)
@@ -112,7 +119,7 @@ def require_role(*roles: str) -> Callable[..., VerifiedKey]:
     """A dependency that lets `admin` and the named roles through, 403 for the rest."""
     allowed = {"admin", *roles}
 
-    def check(key: Annotated[VerifiedKey, Depends(current_key)]) -> VerifiedKey:
+    async def check(key: Annotated[VerifiedKey, Depends(current_key)]) -> VerifiedKey:
         if key.role not in allowed:
             raise Forbidden(
                 f"role {key.role!r} may not do this; needs one of {sorted(allowed)}",

@@ -28,7 +28,7 @@ def _tune_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001
     # instead of failing with "database is locked" when the API and worker overlap.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA busy_timeout=60000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA cache_size=-65536")
     cursor.close()
@@ -41,10 +41,11 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
         event.listen(engine, "connect", _tune_sqlite)
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    # pool_recycle instead of pre-ping: a ping is one more round trip on every checkout.
+    return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=900)
 
 
 @lru_cache

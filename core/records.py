@@ -6,10 +6,11 @@ import csv
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from core.events import LineRejection, rejection_from
 
@@ -105,6 +106,37 @@ def parse_batch(records: Iterable[tuple[int, Any]], model: type[Model]) -> Parse
         batch.records.append(record)
         batch.fields_set.append(set(record.model_fields_set))
     return batch
+
+
+@lru_cache(maxsize=8)
+def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
+
+
+def parse_body(body: bytes, model: type[Model]) -> ParsedBatch[Model]:
+    """Validate a bulk body (NDJSON or a JSON array) into a batch.
+
+    The common case, every line valid, is validated in one pydantic-core call (measured:
+    about half the cost of decoding and validating line by line); any problem falls back
+    to the line-by-line path, which names each bad line.
+    """
+    stripped = body.lstrip()
+    if stripped.startswith(b"["):
+        payload, expected = stripped, None
+    else:
+        lines = [line for line in body.splitlines() if line.strip()]
+        payload, expected = b"[" + b",".join(lines) + b"]", len(lines)
+    try:
+        records = _list_adapter(model).validate_json(payload)
+    except ValidationError:
+        records = None
+    # A malformed line can still join into valid JSON (`{..}, {..}` on one line): only
+    # trust the fast path when it found exactly one record per line.
+    if records is not None and (expected is None or len(records) == expected):
+        return ParsedBatch(
+            records=records, fields_set=[set(r.model_fields_set) for r in records], rejected=[]
+        )
+    return parse_batch(json_records(body), model)
 
 
 def csv_text(data: bytes) -> Iterator[str]:

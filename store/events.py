@@ -42,8 +42,34 @@ def ensure_customers(conn: Connection, *, customer_ids: Sequence[str], now: date
     return conn.execute(statement).rowcount or 0
 
 
+_INSERT_EVENT_POSTGRES = text(
+    "WITH new_customer AS ("
+    " INSERT INTO customers (id, attributes, created_at, updated_at)"
+    " VALUES (:customer_id, '{}'::jsonb, :now, :now) ON CONFLICT (id) DO NOTHING)"
+    " INSERT INTO events (event_id, customer_id, name, occurred_at, properties, received_at,"
+    " realtime_pending)"
+    " VALUES (:event_id, :customer_id, :name, :occurred_at, CAST(:properties AS jsonb), :now,"
+    " :realtime) ON CONFLICT (event_id) DO NOTHING RETURNING id"
+)
+
+
 def insert_event(conn: Connection, *, event: EventIn, now: datetime, realtime: bool = True) -> bool:
     """Store one event; False when its `event_id` was stored before (also under a race)."""
+    if conn.dialect.name == "postgresql":
+        # One round trip: the customer and the event in a single statement.
+        inserted = conn.execute(
+            _INSERT_EVENT_POSTGRES,
+            {
+                "customer_id": event.customer_id,
+                "now": now,
+                "event_id": event.event_id,
+                "name": event.name,
+                "occurred_at": event.occurred_at,
+                "properties": orjson.dumps(event.properties).decode(),
+                "realtime": realtime,
+            },
+        )
+        return inserted.first() is not None
     ensure_customers(conn, customer_ids=[event.customer_id], now=now)
     statement = (
         _insert(conn, Event.__table__)
@@ -135,7 +161,9 @@ def _copy_events_postgres(
         cursor.execute(
             "INSERT INTO customers (id, attributes, created_at, updated_at)"
             " SELECT DISTINCT customer_id, '{}'::jsonb, %(now)s, %(now)s FROM staged_events"
-            " ON CONFLICT (id) DO NOTHING",
+            # One lock order for every batch: concurrent batches sharing customers
+            # otherwise deadlock on the customers index.
+            " ORDER BY customer_id ON CONFLICT (id) DO NOTHING",
             {"now": now},
         )
         cursor.execute(
@@ -143,7 +171,7 @@ def _copy_events_postgres(
             " received_at, realtime_pending)"
             " SELECT event_id, customer_id, name, occurred_at, properties::jsonb,"
             " %(now)s, %(realtime)s FROM staged_events"
-            " ON CONFLICT (event_id) DO NOTHING",
+            " ORDER BY event_id ON CONFLICT (event_id) DO NOTHING",
             {"now": now, "realtime": realtime},
         )
         return cursor.rowcount
