@@ -35,6 +35,16 @@ def workflow_classes() -> list[type]:
 
     workflows: list[type] = [RealtimeWorkflow]
     # --- workflows of each room register here ---
+    from workflows.scoring import RfmScoringWorkflow
+
+    workflows.append(RfmScoringWorkflow)
+    from workflows.dispatch import DispatcherWorkflow
+    from workflows.journey import JourneyWorkflow
+
+    workflows += [JourneyWorkflow, DispatcherWorkflow]
+    from workflows.segments import SegmentEvaluationWorkflow
+
+    workflows.append(SegmentEvaluationWorkflow)
     return workflows
 
 
@@ -42,13 +52,36 @@ def activity_functions(
     settings: Settings, engine: Engine, client: Client
 ) -> list[Callable[..., Any]]:
     """Every activity, bound to the store, the settings and the client it needs."""
+    from activities.dispatch import signal_customer_events
     from activities.realtime import RealtimeActivities
 
+    async def signal_events(events: Sequence[dict[str, Any]]) -> None:
+        await signal_customer_events(client, engine, events)
+
     realtime = RealtimeActivities(
-        engine, settings, customer_steps=realtime_customer_steps(), event_sink=None
+        engine, settings, customer_steps=realtime_customer_steps(), event_sink=signal_events
     )
     activities: list[Callable[..., Any]] = [realtime.process_realtime]
     # --- activities of each room register here ---
+    from activities.scoring import ScoringActivities
+
+    activities.append(ScoringActivities(engine, settings).run_rfm_pass)
+    from activities.messaging import MessagingActivities
+
+    activities += MessagingActivities(engine=engine, settings=settings).all()
+    from activities.dispatch import TransitionDispatcher
+    from activities.runs import RunActivities
+
+    activities += RunActivities(engine).all()
+    activities += TransitionDispatcher(
+        engine,
+        client,
+        task_queue=settings.task_queue,
+        history_event_threshold=settings.history_event_threshold,
+    ).activities()
+    from activities.segments import SegmentActivities
+
+    activities.append(SegmentActivities(engine).evaluate_segments)
     return activities
 
 
@@ -79,21 +112,30 @@ def build_worker(
 
 
 def realtime_customer_steps() -> list[Any]:
-    """What happens to a customer with a new event or changed attributes, in order."""
-    return []
+    """What happens to a customer with a new event or changed attributes, in order:
+    RFM labels first, so rule segments that name a label see the new one."""
+    from activities.realtime import rescoring_step, segment_step
+
+    return [rescoring_step(), segment_step()]
 
 
 async def ensure_background_workflows(client: Client, settings: Settings) -> None:
     """Start the singleton workflows (real-time processor, dispatcher) unless running."""
     from temporalio.common import WorkflowIDConflictPolicy
 
+    from activities.dispatch import ensure_dispatcher
+    from core.runs import DISPATCHER_WORKFLOW_ID
     from activities.realtime import RealtimeInput
     from workflows.realtime import REALTIME_WORKFLOW_ID, RealtimeWorkflow
 
+    # One of each per task queue, so several stacks can share a Temporal namespace.
+    await ensure_dispatcher(
+        client, settings, workflow_id=f"{DISPATCHER_WORKFLOW_ID}:{settings.task_queue}"
+    )
     await client.start_workflow(
         RealtimeWorkflow.run,
         RealtimeInput(),
-        id=REALTIME_WORKFLOW_ID,
+        id=f"{REALTIME_WORKFLOW_ID}:{settings.task_queue}",
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )

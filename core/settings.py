@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     worker_activity_pollers: int = 20
     worker_max_workflow_tasks: int = 500
     worker_max_activities: int = 200
-    worker_max_cached_workflows: int = 10_000
+    # 20,000 parked runs fit in 512 MiB with 2,000 cached (about 156 KB per sandboxed run).
+    worker_max_cached_workflows: int = 2_000
     history_event_threshold: int = 2_000
 
     realtime_poll_seconds: float = 0.2
