@@ -25,8 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Other scripts in bench/ (inspect.py, ...) would shadow the standard library when this
-# runs as `python bench/ingest.py`: take bench/ off the path, the repository root goes on.
+# Import bench/ modules as `bench.x` from the repository root, never as top-level names
+# that could shadow the standard library: take bench/ off the path, the root goes on.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))

@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import sys
 
-# A script's folder comes first on sys.path, and bench/ holds an `inspect.py` that
-# would shadow the standard library's for everything imported below.
+# Import bench/ modules as `bench.x` from the repository root, never as top-level
+# names that could shadow the standard library.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(__file__)]
 
 import argparse  # noqa: E402

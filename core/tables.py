@@ -294,6 +294,8 @@ class JourneyRun(SQLModel, table=True):
         UniqueConstraint("workflow_id", "run_id", name="uq_runs_workflow_run"),
         Index("ix_runs_customer", "customer_id", "entered_at"),
         Index("ix_runs_journey_status_step", "journey_slug", "status", "step"),
+        # Journey analytics over an entry window.
+        Index("ix_runs_journey_entered", "journey_slug", "entered_at"),
     )
 
     id: int | None = Field(
@@ -352,7 +354,9 @@ class Message(SQLModel, table=True):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_customer", "customer_id", "id"),
-        Index("ix_messages_journey_step", "journey_slug", "version", "step", "status"),
+        # `id` last: journey analytics join message events to a journey's messages from
+        # this index alone (no visit to the wide message rows).
+        Index("ix_messages_journey_step", "journey_slug", "version", "step", "status", "id"),
     )
 
     id: int | None = Field(
@@ -388,12 +392,29 @@ class MessageEvent(SQLModel, table=True):
     """Delivery, open, click, bounce... for a message, from a webhook or a tracked link."""
 
     __tablename__ = "message_events"
-    __table_args__ = (Index("ix_message_events_message", "message_id", "kind"),)
+    __table_args__ = (
+        Index("ix_message_events_message", "message_id", "kind"),
+        # Journey analytics count a journey's opens / clicks / deliveries per step from
+        # this index alone, without joining every event to its message.
+        Index(
+            "ix_message_events_journey_kind",
+            "journey_slug",
+            "kind",
+            "version",
+            "step",
+            "message_id",
+        ),
+    )
 
     id: int | None = Field(
         default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True)
     )
     message_id: int | None = Field(default=None, sa_column=Column(BigId, nullable=True))
+    # The message's journey, version and step (send key), copied when the event is
+    # recorded; None for an event of no known message.
+    journey_slug: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    version: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    step: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
     # A provider's own event id, so a webhook delivered twice is recorded once.
     dedupe_key: str | None = Field(default=None, sa_column=Column(String(300), unique=True))
     kind: str = Field(sa_column=Column(String(30), nullable=False))

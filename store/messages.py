@@ -439,11 +439,16 @@ def record_message_event(
     occurred_at: datetime,
     dedupe_key: str | None = None,
 ) -> bool:
-    """Record a delivery / open / click / bounce...; False when `dedupe_key` was seen."""
+    """Record a delivery / open / click / bounce...; False when `dedupe_key` was seen.
+    The event carries its message's journey, version and step (for journey analytics)."""
     row = session.execute(
         text(
-            "INSERT INTO message_events (message_id, dedupe_key, kind, detail, occurred_at)"
-            " VALUES (:message_id, :dedupe_key, :kind, :detail, :occurred_at)"
+            "INSERT INTO message_events (message_id, dedupe_key, kind, detail, occurred_at,"
+            " journey_slug, version, step)"
+            " VALUES (:message_id, :dedupe_key, :kind, :detail, :occurred_at,"
+            " (SELECT journey_slug FROM messages WHERE id = :message_id),"
+            " (SELECT version FROM messages WHERE id = :message_id),"
+            " (SELECT step FROM messages WHERE id = :message_id))"
             " ON CONFLICT (dedupe_key) DO NOTHING RETURNING id"
         ).bindparams(bindparam("detail", type_=JSONType), *_ts("occurred_at")),
         {

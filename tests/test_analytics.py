@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 
 from core.errors import ValidationFailed
 from store.analytics import journey_analytics, runs_by_step
@@ -154,6 +155,54 @@ def test_analytics_of_an_entry_window(store_engine) -> None:
     assert _steps(later)["vip"].entered == 0
     assert (earlier.triggered, earlier.converted, earlier.completed) == (2, 1, 1)
     assert _steps(earlier)["welcome"].clicked == 1
+
+
+def _copy_message_journeys(engine, *, where: str = "1 = 1") -> None:  # noqa: ANN001
+    """Give events the journey, version and step of their message, as
+    record_message_event writes them (the hand-built events have none)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE message_events SET"
+                " journey_slug = (SELECT m.journey_slug FROM messages m"
+                "   WHERE m.id = message_events.message_id),"
+                " version = (SELECT m.version FROM messages m WHERE m.id = message_events.message_id),"
+                " step = (SELECT m.step FROM messages m WHERE m.id = message_events.message_id)"
+                f" WHERE {where}"
+            )
+        )
+
+
+def test_analytics_count_the_same_from_the_events_journey_columns(store_engine) -> None:
+    _build(store_engine)
+    variants = (
+        {},
+        {"version": 1},
+        {"entered_from": T0 + timedelta(minutes=90)},
+        {"entered_to": T0 + timedelta(minutes=90)},
+    )
+
+    def analytics() -> list:
+        with store_engine.connect() as conn:
+            return [journey_analytics(conn, journey_slug=SLUG, **kwargs) for kwargs in variants]
+
+    through_messages = analytics()
+    # Half the events carry their journey (A's second click does, its first does not).
+    _copy_message_journeys(store_engine, where="id % 2 = 0")
+    assert analytics() == through_messages
+    _copy_message_journeys(store_engine)
+    with store_engine.connect() as conn:
+        untagged = conn.execute(
+            text("SELECT count(*) FROM message_events WHERE journey_slug IS NULL")
+        ).scalar_one()
+    assert untagged == 0
+    from_columns = analytics()
+    assert from_columns == through_messages
+    welcome, reminder = _steps(from_columns[0])["welcome"], _steps(from_columns[0])["reminder"]
+    assert (welcome.delivered, welcome.opened, welcome.clicked) == (2, 1, 1)
+    assert (reminder.delivered, reminder.opened, reminder.clicked) == (1, 1, 0)
+    assert _steps(from_columns[3])["welcome"].clicked == 1
+    assert _steps(from_columns[2])["welcome"].clicked == 0
 
 
 def test_branch_shares_come_from_the_matched_condition(store_engine) -> None:

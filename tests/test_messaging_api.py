@@ -100,6 +100,17 @@ def _events(engine: Engine) -> list[tuple[str, int | None]]:
         ]
 
 
+def _event_journeys(engine: Engine) -> list[tuple[str, str | None, int | None, str | None]]:
+    """(kind, journey, version, step) of each event: what journey analytics count by."""
+    with engine.connect() as conn:
+        return [
+            tuple(row)
+            for row in conn.execute(
+                text("SELECT kind, journey_slug, version, step FROM message_events ORDER BY id")
+            )
+        ]
+
+
 # --- outbox and templates -----------------------------------------------------------------
 
 
@@ -223,6 +234,7 @@ async def test_tracked_link_redirects_records_and_signals_the_run(
             # The second visit of `welcome` is still the `welcome` step for the journey's wait.
             assert await handle.result() == "email_clicked:welcome"
             assert _events(store_engine) == [("click", row["id"])]
+            assert _event_journeys(store_engine) == [("click", "champions", 1, "welcome#2")]
 
 
 def _first_tracked_link(engine: Engine, message_id: int) -> str:
@@ -263,6 +275,7 @@ async def test_click_redirects_even_when_temporal_is_unreachable(
     response = await api.client.get(tracked.removeprefix("https://journeys.example.com"))
     assert response.status_code == 302
     assert _events(api.engine) == [("click", message_id)]
+    assert _event_journeys(api.engine) == [("click", "champions", 1, "welcome")]
 
 
 async def test_open_pixel_records_an_open(api: Api, stub: ProviderStub) -> None:
@@ -275,6 +288,7 @@ async def test_open_pixel_records_an_open(api: Api, stub: ProviderStub) -> None:
     assert response.status_code == 200 and response.headers["content-type"] == "image/gif"
     assert (await api.client.get(pixel.replace(".gif", "x.gif"))).status_code == 404
     assert _events(api.engine) == [("open", message_id)]
+    assert _event_journeys(api.engine) == [("open", "champions", 1, "welcome")]
 
 
 async def test_one_click_unsubscribe_then_later_sends_are_skipped(
@@ -337,6 +351,10 @@ async def test_signed_webhook_resolves_an_in_doubt_send(api: Api, stub: Provider
     assert response.json() == {"received": 2, "recorded": 2}
     [row] = message_rows(api.engine)
     assert row["status"] == "delivered"
+    assert _event_journeys(api.engine) == [
+        ("processed", "champions", 1, "welcome"),
+        ("delivered", "champions", 1, "welcome"),
+    ]
     # Delivered twice (SendGrid retries webhooks): recorded once.
     again = await api.client.post(
         "/webhooks/sendgrid", content=payload, headers=SIGNER.headers(payload)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 02:15:38.891889
+Create Date: 2026-11-24 03:24:38.215651
 """
 
 from collections.abc import Sequence
@@ -138,6 +138,9 @@ def upgrade() -> None:
     with op.batch_alter_table("journey_runs", schema=None) as batch_op:
         batch_op.create_index("ix_runs_customer", ["customer_id", "entered_at"], unique=False)
         batch_op.create_index(
+            "ix_runs_journey_entered", ["journey_slug", "entered_at"], unique=False
+        )
+        batch_op.create_index(
             "ix_runs_journey_status_step", ["journey_slug", "status", "step"], unique=False
         )
 
@@ -182,6 +185,9 @@ def upgrade() -> None:
         sa.Column(
             "message_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
         ),
+        sa.Column("journey_slug", sa.String(length=200), nullable=True),
+        sa.Column("version", sa.Integer(), nullable=True),
+        sa.Column("step", sa.String(length=200), nullable=True),
         sa.Column("dedupe_key", sa.String(length=300), nullable=True),
         sa.Column("kind", sa.String(length=30), nullable=False),
         sa.Column(
@@ -194,6 +200,11 @@ def upgrade() -> None:
         sa.UniqueConstraint("dedupe_key"),
     )
     with op.batch_alter_table("message_events", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_message_events_journey_kind",
+            ["journey_slug", "kind", "version", "step", "message_id"],
+            unique=False,
+        )
         batch_op.create_index("ix_message_events_message", ["message_id", "kind"], unique=False)
 
     op.create_table(
@@ -241,7 +252,9 @@ def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.create_index("ix_messages_customer", ["customer_id", "id"], unique=False)
         batch_op.create_index(
-            "ix_messages_journey_step", ["journey_slug", "version", "step", "status"], unique=False
+            "ix_messages_journey_step",
+            ["journey_slug", "version", "step", "status", "id"],
+            unique=False,
         )
         batch_op.create_index(
             batch_op.f("ix_messages_provider_message_id"), ["provider_message_id"], unique=False
@@ -473,6 +486,7 @@ def downgrade() -> None:
     op.drop_table("messages")
     with op.batch_alter_table("message_events", schema=None) as batch_op:
         batch_op.drop_index("ix_message_events_message")
+        batch_op.drop_index("ix_message_events_journey_kind")
 
     op.drop_table("message_events")
     with op.batch_alter_table("journeys", schema=None) as batch_op:
@@ -482,6 +496,7 @@ def downgrade() -> None:
     op.drop_table("journey_versions")
     with op.batch_alter_table("journey_runs", schema=None) as batch_op:
         batch_op.drop_index("ix_runs_journey_status_step")
+        batch_op.drop_index("ix_runs_journey_entered")
         batch_op.drop_index("ix_runs_customer")
 
     op.drop_table("journey_runs")

@@ -77,7 +77,7 @@ MESSAGE_COLUMNS = (
     ' channel, template, "to", subject, headers, links, status, provider, attempts,'
     " created_at, updated_at, sent_at"
 )
-EVENT_COLUMNS = "message_id, kind, detail, occurred_at"
+EVENT_COLUMNS = "message_id, kind, detail, occurred_at, journey_slug, version, step"
 TRANSITION_COLUMNS = (
     "id, segment_slug, customer_id, kind, source, context, occurred_at, dispatched_at"
 )
@@ -247,12 +247,17 @@ class Rows:
                     "template": f"champions/{step}.html",
                 },
             )
+
+            def event(kind: str, when: datetime) -> None:
+                # As record_message_event writes it: with the message's journey and step.
+                events.append((self.message_id, kind, "{}", when, slug, 1, step))
+
             if status == "delivered" or rng.random() < 0.5:
-                events.append((self.message_id, "delivered", "{}", at + timedelta(seconds=5)))
+                event("delivered", at + timedelta(seconds=5))
             if clicked or rng.random() < 0.35:
-                events.append((self.message_id, "open", "{}", at + timedelta(hours=2)))
+                event("open", at + timedelta(hours=2))
             if clicked:
-                events.append((self.message_id, "click", "{}", at + timedelta(hours=3)))
+                event("click", at + timedelta(hours=3))
             return at
 
         line(
