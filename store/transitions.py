@@ -79,6 +79,10 @@ def apply_membership(
         ).bindparams(*expand),
         params,
     )
+    if conn.dialect.name == "postgresql":
+        # Temporary tables are never auto-analysed: without statistics the planner takes
+        # the staged set for a few rows and picks quadratic nested-loop anti-joins.
+        conn.execute(text("ANALYZE staged_membership"))
     scope_params: dict[str, Any] = {
         "slugs": list(segment_slugs),
         "source": source,
@@ -131,8 +135,7 @@ def apply_membership(
         run(
             "INSERT INTO segment_memberships (segment_slug, customer_id, since)"
             " SELECT s.segment_slug, s.customer_id, :now FROM staged_membership s"
-            " WHERE NOT EXISTS (SELECT 1 FROM segment_memberships m"
-            "  WHERE m.segment_slug = s.segment_slug AND m.customer_id = s.customer_id)"
+            " WHERE true ON CONFLICT (segment_slug, customer_id) DO NOTHING"
         )
     conn.execute(text("DELETE FROM staged_membership"))
     return MembershipDiff(entries=entries, exits=exits)
