@@ -7,20 +7,65 @@ A condition is JSON, nestable to any depth:
   {"event": "Purchase", "count": {"gte": 2}, "within": "P30D",
    "where": [{"property": "total_price", "op": "gte", "value": 100}]}
   {"event": "Purchase", "last": {"more_than": "P30D"}}   ("event": "*" = any event)
+
+Value types per operator (checked on parse):
+  eq, ne          a string, a number or a boolean
+  gt, gte, lt, lte  a number or a string (strings compare by code point)
+  in              a non-empty list (at most 1,000) of strings, numbers or booleans
+  contains        a string (substring of a string attribute, or element of a list
+                  attribute) or a number / boolean (element of a list attribute)
+  exists          true (the default) or false; null counts as absent
+  before, after   a timestamp with a zone (`2026-11-01T00:00:00Z`) or an ISO duration
+                  meaning "that long before now" (`P30D`); the attribute must hold a
+                  timestamp with a zone
+
+Attribute paths may be dotted (`address.city`). Three names are customer columns, not
+attributes: `email` and `phone` (strings) and `created_at` (a timestamp).
+`parse_condition` checks raw JSON and names the offending node by its JSON path.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Iterator
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
-from core.durations import Duration
+from core.durations import Duration, parse_duration
+from core.errors import ErrorDetail, ValidationFailed
 
 AttributeOp = Literal[
     "eq", "ne", "gt", "gte", "lt", "lte", "in", "contains", "exists", "before", "after"
 ]
-PropertyOp = Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "contains", "exists"]
+PropertyOp = AttributeOp
+
+ATTRIBUTE_OPS: tuple[str, ...] = AttributeOp.__args__  # type: ignore[attr-defined]
+COUNT_BOUNDS = ("eq", "gte", "gt", "lte", "lt")
+LAST_BOUNDS = ("more_than", "less_than")
+MAX_IN_VALUES = 1_000
+
+COLUMN_ATTRIBUTES: dict[str, str] = {
+    "email": "string",
+    "phone": "string",
+    "created_at": "timestamp",
+}
+"""Attribute names read from customer columns rather than the attributes JSON."""
+
+# Path segments end up inside SQLite JSON paths (`$."a"."b"`), so quotes and path syntax
+# are kept out of them.
+_PATH_SEGMENT = re.compile(r'^[^."\\\[\]$*]+$')
 
 
 class _Strict(BaseModel):
@@ -45,6 +90,15 @@ class AttributeCondition(_Strict):
     attribute: str = Field(min_length=1)
     op: AttributeOp
     value: Any = None
+
+    @model_validator(mode="after")
+    def _typed_value(self) -> AttributeCondition:
+        problem = attribute_path_error(self.attribute) or value_error(
+            self.op, self.value, column_kind(self.attribute)
+        )
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class SegmentCondition(_Strict):
@@ -81,6 +135,13 @@ class PropertyFilter(_Strict):
     op: PropertyOp
     value: Any = None
 
+    @model_validator(mode="after")
+    def _typed_value(self) -> PropertyFilter:
+        problem = attribute_path_error(self.property) or value_error(self.op, self.value, None)
+        if problem:
+            raise ValueError(problem)
+        return self
+
 
 class EventCondition(_Strict):
     event: str = Field(min_length=1)
@@ -93,6 +154,8 @@ class EventCondition(_Strict):
     def _count_or_last(self) -> EventCondition:
         if (self.count is None) == (self.last is None):
             raise ValueError("an event condition takes exactly one of count or last")
+        if self.within is not None and self.count is None:
+            raise ValueError("within goes with count; last carries its own durations")
         return self
 
 
@@ -131,3 +194,291 @@ Condition = Annotated[
 
 for _model in (AllOf, AnyOf, NotOf):
     _model.model_rebuild()
+
+CONDITION_ADAPTER: TypeAdapter[Any] = TypeAdapter(Condition)
+
+
+# --- value rules shared by the models and parse_condition ------------------------------
+
+
+def column_kind(attribute: str) -> str | None:
+    """`string` / `timestamp` for the attribute names that are customer columns, else None."""
+    return COLUMN_ATTRIBUTES.get(attribute)
+
+
+def attribute_path_error(path: str) -> str | None:
+    if not isinstance(path, str) or not path:
+        return "must be a non-empty string"
+    for segment in path.split("."):
+        if not _PATH_SEGMENT.match(segment):
+            return (
+                f"{path!r} is not an attribute path: dot-separated names without "
+                '" \\ [ ] $ * or empty parts'
+            )
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | bool) or _is_number(value)
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO 8601 timestamp that carries a zone; naive ones are refused."""
+    try:
+        value = datetime.fromisoformat(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{text!r} is not an ISO 8601 timestamp") from exc
+    if value.tzinfo is None:
+        raise ValueError(f"{text!r} has no zone: write it like 2026-11-01T00:00:00Z")
+    return value
+
+
+def resolve_moment(value: str, now: datetime) -> datetime:
+    """The instant a `before` / `after` value names: itself, or `now` minus a duration."""
+    if value.strip().upper().startswith("P"):
+        return now - parse_duration(value)
+    return parse_instant(value)
+
+
+def value_error(op: str, value: Any, kind: str | None) -> str | None:
+    """Why `value` does not suit `op` on an attribute of `kind` (None: JSON), or None."""
+    if op in ("before", "after"):
+        if kind == "string":
+            return f"{op} compares timestamps; this attribute holds text"
+        if not isinstance(value, str):
+            return f"{op} takes a timestamp with a zone or an ISO duration such as P30D"
+        try:
+            resolve_moment(value, datetime.now().astimezone())
+        except ValueError as exc:
+            return f"{op} takes a timestamp with a zone or an ISO duration: {exc}"
+        return None
+    if op == "exists":
+        return None if value is None or isinstance(value, bool) else "exists takes true or false"
+    if kind == "timestamp":
+        return f"{op} does not apply to a timestamp column; use before, after or exists"
+    scalar_ok = (lambda v: isinstance(v, str)) if kind == "string" else _is_scalar
+    what = "a string" if kind == "string" else "a string, a number or a boolean"
+    if op in ("eq", "ne", "contains"):
+        return None if scalar_ok(value) else f"{op} takes {what}"
+    if op in ("gt", "gte", "lt", "lte"):
+        if kind == "string":
+            return None if isinstance(value, str) else f"{op} takes a string here"
+        return (
+            None
+            if _is_number(value) or isinstance(value, str)
+            else f"{op} takes a number or a string"
+        )
+    if op == "in":
+        if not isinstance(value, list) or not value:
+            return f"in takes a non-empty list of {what.removeprefix('a ')}s"
+        if len(value) > MAX_IN_VALUES:
+            return f"in takes at most {MAX_IN_VALUES} values"
+        if not all(scalar_ok(v) for v in value):
+            return f"every value of in must be {what}"
+        return None
+    return f"unknown operator {op!r}"
+
+
+# --- parse_condition: raw JSON to a Condition, every error with its JSON path ----------
+
+_KIND_KEYS = ("all", "any", "not", "attribute", "segment", "event")
+_ALLOWED_KEYS = {
+    "all": {"all"},
+    "any": {"any"},
+    "not": {"not"},
+    "attribute": {"attribute", "op", "value"},
+    "segment": {"segment"},
+    "event": {"event", "count", "within", "last", "where"},
+}
+
+
+def parse_condition(raw: Any, *, path: str = "condition") -> Condition:
+    """Validate raw JSON as a condition; `ValidationFailed` lists every problem found,
+    each naming the JSON path of its node (`condition.all[1].any[0].op`)."""
+    errors: list[ErrorDetail] = []
+    _check_node(raw, path, errors)
+    if errors:
+        raise ValidationFailed(errors)
+    try:
+        return CONDITION_ADAPTER.validate_python(raw)
+    except ValidationError as exc:  # a rule the walk above missed: still name the node
+        raise ValidationFailed(
+            [ErrorDetail("invalid", e["msg"], _join(path, e.get("loc", ()))) for e in exc.errors()]
+        ) from exc
+
+
+def _join(path: str, loc: Any) -> str:
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and not part[:1].isupper():
+            path += f".{part}"
+    return path
+
+
+def _err(errors: list[ErrorDetail], code: str, message: str, field: str) -> None:
+    errors.append(ErrorDetail(code, message, field))
+
+
+def _check_node(raw: Any, path: str, errors: list[ErrorDetail]) -> None:
+    if not isinstance(raw, dict):
+        _err(
+            errors,
+            "invalid",
+            "a condition is an object with one of: " + ", ".join(_KIND_KEYS),
+            path,
+        )
+        return
+    kinds = [k for k in _KIND_KEYS if k in raw]
+    if not kinds:
+        unknown = sorted(raw) or ["(empty object)"]
+        _err(
+            errors,
+            "invalid",
+            f"unknown condition {', '.join(map(str, unknown))}: one of {', '.join(_KIND_KEYS)} expected",
+            path,
+        )
+        return
+    if len(kinds) > 1:
+        _err(errors, "invalid", f"a condition has one of {', '.join(kinds)}, not several", path)
+        return
+    kind = kinds[0]
+    for key in sorted(set(raw) - _ALLOWED_KEYS[kind], key=str):
+        _err(errors, "unknown_field", f"unknown key {key!r} in a {kind} condition", f"{path}.{key}")
+    if kind in ("all", "any"):
+        items = raw[kind]
+        if not isinstance(items, list) or not items:
+            _err(
+                errors, "invalid", f"{kind} takes a non-empty list of conditions", f"{path}.{kind}"
+            )
+            return
+        for i, item in enumerate(items):
+            _check_node(item, f"{path}.{kind}[{i}]", errors)
+    elif kind == "not":
+        _check_node(raw["not"], f"{path}.not", errors)
+    elif kind == "attribute":
+        _check_comparison(raw, path, errors, name_key="attribute")
+    elif kind == "segment":
+        if not isinstance(raw["segment"], str) or not raw["segment"]:
+            _err(errors, "invalid", "segment takes a segment slug", f"{path}.segment")
+    else:
+        _check_event(raw, path, errors)
+
+
+def _check_comparison(
+    raw: dict[str, Any], path: str, errors: list[ErrorDetail], *, name_key: str
+) -> None:
+    name = raw.get(name_key)
+    problem = attribute_path_error(name) if name is not None else "is required"
+    if problem:
+        code = "missing_field" if name is None else "invalid"
+        _err(errors, code, f"{name_key} {problem}", f"{path}.{name_key}")
+    op = raw.get("op")
+    if op is None:
+        _err(errors, "missing_field", "op is required", f"{path}.op")
+        return
+    if not isinstance(op, str) or op not in ATTRIBUTE_OPS:
+        _err(
+            errors,
+            "unknown_operator",
+            f"unknown operator {op!r}: one of {', '.join(ATTRIBUTE_OPS)}",
+            f"{path}.op",
+        )
+        return
+    if op != "exists" and "value" not in raw:
+        _err(errors, "missing_field", f"{op} needs a value", f"{path}.value")
+        return
+    kind = column_kind(name) if name_key == "attribute" and isinstance(name, str) else None
+    problem = value_error(op, raw.get("value"), kind)
+    if problem:
+        _err(errors, "invalid_value", problem, f"{path}.value")
+
+
+def _check_duration(value: Any, field: str, errors: list[ErrorDetail]) -> None:
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        _err(errors, "invalid_value", str(exc), field)
+
+
+def _check_event(raw: dict[str, Any], path: str, errors: list[ErrorDetail]) -> None:
+    if not isinstance(raw["event"], str) or not raw["event"]:
+        _err(errors, "invalid", 'event takes an event name or "*"', f"{path}.event")
+    has_count, has_last = "count" in raw, "last" in raw
+    if has_count == has_last:
+        _err(errors, "invalid", "an event condition takes exactly one of count or last", path)
+    if "within" in raw:
+        if not has_count:
+            _err(errors, "invalid", "within goes with count", f"{path}.within")
+        _check_duration(raw["within"], f"{path}.within", errors)
+    if has_count:
+        _check_bounds(raw["count"], f"{path}.count", COUNT_BOUNDS, errors, durations=False)
+    if has_last:
+        _check_bounds(raw["last"], f"{path}.last", LAST_BOUNDS, errors, durations=True)
+    where = raw.get("where", [])
+    if not isinstance(where, list):
+        _err(errors, "invalid", "where takes a list of property filters", f"{path}.where")
+        return
+    for i, item in enumerate(where):
+        field = f"{path}.where[{i}]"
+        if not isinstance(item, dict):
+            _err(errors, "invalid", "a property filter is an object {property, op, value}", field)
+            continue
+        for key in sorted(set(item) - {"property", "op", "value"}, key=str):
+            _err(
+                errors,
+                "unknown_field",
+                f"unknown key {key!r} in a property filter",
+                f"{field}.{key}",
+            )
+        _check_comparison(item, field, errors, name_key="property")
+
+
+def _check_bounds(
+    raw: Any, path: str, allowed: tuple[str, ...], errors: list[ErrorDetail], *, durations: bool
+) -> None:
+    if not isinstance(raw, dict) or not raw:
+        _err(errors, "invalid", f"takes an object with one or more of {', '.join(allowed)}", path)
+        return
+    for key, value in raw.items():
+        field = f"{path}.{key}"
+        if key not in allowed:
+            _err(
+                errors,
+                "unknown_operator",
+                f"unknown bound {key!r}: one of {', '.join(allowed)}",
+                field,
+            )
+        elif durations:
+            _check_duration(value, field, errors)
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            _err(errors, "invalid_value", f"{key} takes a whole number >= 0", field)
+
+
+# --- walking a parsed condition --------------------------------------------------------
+
+
+def iter_nodes(condition: Condition, path: str = "condition") -> Iterator[tuple[str, Any]]:
+    """Every node of `condition` with its JSON path, parents before children."""
+    yield path, condition
+    if isinstance(condition, AllOf):
+        for i, child in enumerate(condition.all):
+            yield from iter_nodes(child, f"{path}.all[{i}]")
+    elif isinstance(condition, AnyOf):
+        for i, child in enumerate(condition.any):
+            yield from iter_nodes(child, f"{path}.any[{i}]")
+    elif isinstance(condition, NotOf):
+        yield from iter_nodes(condition.not_, f"{path}.not")
+
+
+def referenced_segments(condition: Condition, path: str = "condition") -> list[tuple[str, str]]:
+    """`(json path, slug)` of every segment the condition names, in document order."""
+    return [
+        (node_path, node.segment)
+        for node_path, node in iter_nodes(condition, path)
+        if isinstance(node, SegmentCondition)
+    ]

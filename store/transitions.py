@@ -69,7 +69,7 @@ def apply_membership(
     if not segment_slugs:
         return MembershipDiff(0, 0)
     _create_stage(conn)
-    expand = [bindparam(name, expanding=True) for name in expanding]
+    expand = [bindparam(name, expanding=True) for name in expanding if f":{name}" in staged_sql]
     probe = text(f"SELECT * FROM ({staged_sql}) q LIMIT 0").bindparams(*expand)
     with_context = "q.context" if "context" in conn.execute(probe, params).keys() else "'{}'"
     conn.execute(

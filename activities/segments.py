@@ -1,0 +1,154 @@
+"""Segment evaluation activity, and the Temporal Schedules that run it.
+
+`SegmentActivities.evaluate_segments` evaluates one rule segment (or every due one),
+then the rule segments that depend on what it evaluated, each in its own transaction,
+heartbeating between segments. The schedule helpers are what the API calls (through the
+Temporal client) when a rule segment is saved or deleted: one schedule per segment, id
+`segment-eval:{slug}`, default every 5 minutes, overlapping runs skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+
+from pydantic import BaseModel, Field
+from sqlalchemy.engine import Engine
+from temporalio import activity
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from core.errors import NotFound
+from store import segments as segment_store
+
+log = logging.getLogger("journeys.segments")
+
+SEGMENT_WORKFLOW = "SegmentEvaluationWorkflow"
+EVALUATE_SEGMENTS_ACTIVITY = "evaluate_segments"
+
+
+class SegmentEvaluationInput(BaseModel):
+    """What a scheduled run evaluates: one segment, or every due one (`slug` None)."""
+
+    slug: str | None = None
+
+
+class EvaluateSegmentsInput(BaseModel):
+    slug: str | None = None
+    as_of: datetime | None = None
+    include_dependents: bool = True
+
+
+class SegmentPassResult(BaseModel):
+    slug: str
+    entries: int
+    exits: int
+    duration_ms: int
+
+
+class EvaluateSegmentsResult(BaseModel):
+    passes: list[SegmentPassResult] = Field(default_factory=list)
+
+
+def schedule_id(slug: str) -> str:
+    return f"segment-eval:{slug}"
+
+
+class SegmentActivities:
+    """Activities bound to the store they evaluate in."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @activity.defn(name=EVALUATE_SEGMENTS_ACTIVITY)
+    def evaluate_segments(self, request: EvaluateSegmentsInput) -> EvaluateSegmentsResult:
+        """Evaluate `request.slug` (or every due rule segment) and then its dependents."""
+        now = request.as_of or datetime.now(UTC)
+        with self.engine.connect() as conn:
+            if request.slug is None:
+                slugs = segment_store.due_segments(conn, now=now)
+            else:
+                try:
+                    segment = segment_store.get_segment(conn, slug=request.slug)
+                except NotFound:
+                    # A schedule can fire between a segment's deletion and its own.
+                    log.info("segment %s is gone; nothing to evaluate", request.slug)
+                    return EvaluateSegmentsResult()
+                if segment.kind != "rule":
+                    raise ApplicationError(
+                        f"segment {request.slug!r} is {segment.kind}, not rule-based",
+                        non_retryable=True,
+                    )
+                slugs = [request.slug]
+            if request.include_dependents and slugs:
+                later = segment_store.dependents_in_order(conn, segment_slugs=slugs)
+                slugs += [s for s in later if s not in slugs]
+        passes = []
+        for slug in slugs:
+            activity.heartbeat(slug)
+            passes.append(self._evaluate_one(slug, now))
+        return EvaluateSegmentsResult(passes=passes)
+
+    def _evaluate_one(self, slug: str, now: datetime) -> SegmentPassResult:
+        started = time.monotonic()
+        with self.engine.begin() as conn:
+            diff = segment_store.evaluate_segment(conn, slug=slug, now=now)
+        return SegmentPassResult(
+            slug=slug,
+            entries=diff.entries,
+            exits=diff.exits,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+
+
+# --- schedules: called by the API through the Temporal client ----------------------------
+
+
+def segment_schedule(*, slug: str, every: timedelta, task_queue: str) -> Schedule:
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            SEGMENT_WORKFLOW,
+            SegmentEvaluationInput(slug=slug),
+            id=schedule_id(slug),
+            task_queue=task_queue,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+
+async def upsert_segment_schedule(
+    client: Client, *, slug: str, every: timedelta, task_queue: str
+) -> None:
+    """Create the segment's schedule, or give the existing one this interval."""
+    schedule = segment_schedule(slug=slug, every=every, task_queue=task_queue)
+    try:
+        await client.create_schedule(schedule_id(slug), schedule)
+    except ScheduleAlreadyRunningError:
+
+        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await client.get_schedule_handle(schedule_id(slug)).update(replace)
+
+
+async def delete_segment_schedule(client: Client, *, slug: str) -> None:
+    """Delete the segment's schedule; a schedule already gone is fine."""
+    try:
+        await client.get_schedule_handle(schedule_id(slug)).delete()
+    except RPCError as exc:
+        if exc.status != RPCStatusCode.NOT_FOUND:
+            raise

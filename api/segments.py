@@ -1,0 +1,490 @@
+"""Segments: rule-based definitions, preview, evaluation, members, transitions, and the
+entries / exits of externally owned segments.
+
+Saving or deleting a rule segment creates, updates or deletes its Temporal Schedule
+(`segment-eval:{slug}`) in the same request; if Temporal cannot be reached the change is
+rolled back and the answer is 503, so a stored rule segment always has its schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import bindparam, text
+from sqlalchemy.engine import Connection
+
+from activities.segments import delete_segment_schedule, upsert_segment_schedule
+from api.deps import EngineDep, IngestKey, MarketerKey, SessionDep, SupportKey
+from core.conditions import parse_instant
+from core.durations import parse_duration
+from core.errors import Conflict, ErrorDetail, JourneysError, ValidationFailed
+from core.tables import UTCDateTime, utcnow
+from store import segments as segment_store
+from store.transitions import record_transitions
+
+router = APIRouter(prefix="/v1/segments", tags=["segments"])
+
+NDJSON = "application/x-ndjson"
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9_.:\-]{0,199}$"
+MAX_CUSTOMER_IDS = 10_000
+
+
+class TemporalUnavailable(JourneysError):
+    status_code = 503
+    code = "temporal_unavailable"
+
+
+# --- request and response models -------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SegmentCreate(_Body):
+    slug: str = Field(pattern=SLUG_PATTERN, description="lower case; letters, digits, _ . : -")
+    name: str = Field(min_length=1, max_length=255)
+    condition: Any = Field(
+        default=None, description="the condition language (API.md); none when external"
+    )
+    schedule: str | None = Field(default=None, description="ISO 8601 interval, default PT5M")
+    owner: Literal["journeys", "external"] = Field(
+        default="journeys", description='"external": members are posted to /entries and /exits'
+    )
+
+
+class SegmentUpdate(_Body):
+    name: str = Field(min_length=1, max_length=255)
+    condition: Any = None
+    schedule: str | None = None
+
+
+class SegmentPublic(BaseModel):
+    slug: str
+    name: str
+    kind: str = Field(description="rule | external | rfm")
+    owner: str = Field(description="journeys | external | rfm-model:<slug>")
+    condition: dict[str, Any] | None
+    schedule: str | None = Field(description="evaluation interval of a rule segment")
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    evaluated_at: datetime | None
+
+
+class SegmentsPublic(BaseModel):
+    data: list[SegmentPublic]
+
+
+class PreviewRequest(_Body):
+    condition: Any
+    sample: int = Field(default=20, ge=0, le=1_000)
+
+
+class PreviewPublic(BaseModel):
+    count: int
+    sample: list[str]
+
+
+class SegmentPassPublic(BaseModel):
+    slug: str
+    entries: int
+    exits: int
+
+
+class EvaluationPublic(BaseModel):
+    slug: str
+    entries: int
+    exits: int
+    duration_ms: int
+    dependents: list[SegmentPassPublic] = Field(description="rule segments re-evaluated after it")
+
+
+class MemberPublic(BaseModel):
+    customer_id: str
+    since: datetime
+
+
+class MembersPage(BaseModel):
+    data: list[MemberPublic]
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null at the end"
+    )
+
+
+class TransitionPublic(BaseModel):
+    id: int
+    customer_id: str
+    kind: str = Field(description="entered | exited")
+    source: str
+    occurred_at: datetime
+
+
+class TransitionsPage(BaseModel):
+    data: list[TransitionPublic]
+    next_cursor: str | None = Field(
+        description="the last id returned: pass as ?since= to follow; null when none were returned"
+    )
+
+
+class CustomerIdsRequest(_Body):
+    customer_ids: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(
+        min_length=1, max_length=MAX_CUSTOMER_IDS
+    )
+
+
+class MembershipChangePublic(BaseModel):
+    entries: int
+    exits: int
+    created_customers: int = 0
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _public(segment: segment_store.SegmentRecord) -> SegmentPublic:
+    owner = {"rule": "journeys", "external": "external"}.get(
+        segment.kind, f"rfm-model:{segment.model_slug}"
+    )
+    return SegmentPublic(
+        slug=segment.slug,
+        name=segment.name,
+        kind=segment.kind,
+        owner=owner,
+        condition=segment.condition,
+        schedule=segment.schedule_or_default if segment.kind == "rule" else None,
+        version=segment.version,
+        created_at=segment.created_at,
+        updated_at=segment.updated_at,
+        evaluated_at=segment.evaluated_at,
+    )
+
+
+async def _schedules(
+    request: Request, slug: str, *, every: str | None, delete: bool = False
+) -> None:
+    """Create / update (or delete) the segment's schedule; 503 when Temporal is away."""
+    settings = request.app.state.settings
+    try:
+        client = await asyncio.wait_for(request.app.state.temporal.get(), timeout=10)
+        if delete:
+            await asyncio.wait_for(delete_segment_schedule(client, slug=slug), timeout=10)
+        else:
+            await asyncio.wait_for(
+                upsert_segment_schedule(
+                    client,
+                    slug=slug,
+                    every=parse_duration(every or segment_store.DEFAULT_SCHEDULE),
+                    task_queue=settings.task_queue,
+                ),
+                timeout=10,
+            )
+    except Exception as exc:  # any failure to reach Temporal: nothing is saved
+        raise TemporalUnavailable(
+            f"Temporal at {settings.temporal_address} could not be reached to "
+            f"{'delete' if delete else 'save'} the schedule of segment {slug!r}; nothing was "
+            f"changed, try again ({type(exc).__name__})",
+        ) from exc
+
+
+def _conn(session: SessionDep) -> Connection:
+    return session.connection()
+
+
+def _encode_cursor(customer_id: str) -> str:
+    return base64.urlsafe_b64encode(customer_id.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ValidationFailed(
+            [ErrorDetail("invalid_value", "not a cursor this API gave", "cursor")]
+        ) from exc
+
+
+def _wants_ndjson(request: Request) -> bool:
+    return NDJSON in request.headers.get("accept", "")
+
+
+def _create_customers(conn: Connection, ids: list[str]) -> int:
+    """Create the customers not known yet (as the events API does); how many were new."""
+    known = set(
+        conn.execute(
+            text("SELECT id FROM customers WHERE id IN :ids").bindparams(
+                bindparam("ids", expanding=True)
+            ),
+            {"ids": ids},
+        ).scalars()
+    )
+    missing = [i for i in ids if i not in known]
+    if missing:
+        now = utcnow()
+        cast = "CAST('{}' AS jsonb)" if conn.dialect.name == "postgresql" else "'{}'"
+        conn.execute(
+            text(
+                "INSERT INTO customers (id, attributes, created_at, updated_at)"
+                f" VALUES (:id, {cast}, :now, :now) ON CONFLICT (id) DO NOTHING"
+            ).bindparams(bindparam("now", type_=UTCDateTime())),
+            [{"id": i, "now": now} for i in missing],
+        )
+    return len(missing)
+
+
+# --- routes ----------------------------------------------------------------------------
+
+
+@router.post("", response_model=SegmentPublic, status_code=201, summary="Create a segment")
+async def create_segment(
+    body: SegmentCreate, request: Request, session: SessionDep, _: MarketerKey
+) -> SegmentPublic:
+    kind = "external" if body.owner == "external" else "rule"
+    if kind == "external" and body.schedule is not None:
+        raise ValidationFailed(
+            [ErrorDetail("invalid", "an external segment has no schedule", "schedule")]
+        )
+    segment = segment_store.create_segment(
+        _conn(session),
+        slug=body.slug,
+        name=body.name,
+        kind=kind,
+        condition=body.condition,
+        schedule=body.schedule,
+        now=utcnow(),
+    )
+    if kind == "rule":
+        await _schedules(request, segment.slug, every=segment.schedule)
+    return _public(segment)
+
+
+@router.get("", response_model=SegmentsPublic, summary="List segments")
+def list_segments(session: SessionDep, _: SupportKey) -> SegmentsPublic:
+    return SegmentsPublic(data=[_public(s) for s in segment_store.list_segments(_conn(session))])
+
+
+@router.post(
+    "/preview", response_model=PreviewPublic, summary="Count and sample a condition's customers"
+)
+def preview_segment(body: PreviewRequest, session: SessionDep, _: MarketerKey) -> PreviewPublic:
+    conn = _conn(session)
+    condition = segment_store.validate_definition(conn, slug="", condition=body.condition)
+    result = segment_store.preview(conn, condition=condition, now=utcnow(), sample=body.sample)
+    return PreviewPublic(count=result.count, sample=result.sample)
+
+
+@router.get("/{slug}", response_model=SegmentPublic, summary="One segment")
+def get_segment(slug: str, session: SessionDep, _: SupportKey) -> SegmentPublic:
+    return _public(segment_store.get_segment(_conn(session), slug=slug))
+
+
+@router.put("/{slug}", response_model=SegmentPublic, summary="Replace a segment's definition")
+async def update_segment(
+    slug: str, body: SegmentUpdate, request: Request, session: SessionDep, _: MarketerKey
+) -> SegmentPublic:
+    segment = segment_store.update_segment(
+        _conn(session),
+        slug=slug,
+        name=body.name,
+        condition=body.condition,
+        schedule=body.schedule,
+        now=utcnow(),
+    )
+    if segment.kind == "rule":
+        await _schedules(request, slug, every=segment.schedule)
+    return _public(segment)
+
+
+@router.delete("/{slug}", status_code=204, response_class=Response, summary="Delete a segment")
+async def delete_segment(
+    slug: str, request: Request, session: SessionDep, _: MarketerKey
+) -> Response:
+    conn = _conn(session)
+    kind = segment_store.get_segment(conn, slug=slug).kind
+    segment_store.delete_segment(conn, slug=slug)
+    if kind == "rule":
+        await _schedules(request, slug, every=None, delete=True)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{slug}/evaluate", response_model=EvaluationPublic, summary="Evaluate a rule segment now"
+)
+def evaluate_segment(slug: str, session: SessionDep, _: MarketerKey) -> EvaluationPublic:
+    conn = _conn(session)
+    now = utcnow()
+    started = time.monotonic()
+    diff = segment_store.evaluate_segment(conn, slug=slug, now=now)
+    dependents = segment_store.evaluate_dependents(conn, segment_slugs=[slug], now=now)
+    return EvaluationPublic(
+        slug=slug,
+        entries=diff.entries,
+        exits=diff.exits,
+        duration_ms=int((time.monotonic() - started) * 1000),
+        dependents=[
+            SegmentPassPublic(slug=s, entries=d.entries, exits=d.exits)
+            for s, d in dependents.items()
+        ],
+    )
+
+
+@router.get(
+    "/{slug}/members",
+    response_model=MembersPage,
+    summary="Members of a segment",
+    responses={
+        200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/MemberPublic"}}}}
+    },
+)
+def list_members(
+    slug: str,
+    request: Request,
+    session: SessionDep,
+    engine: EngineDep,
+    _: SupportKey,
+    limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
+    cursor: str | None = None,
+) -> Any:
+    """Pages by customer id; with `Accept: application/x-ndjson` streams every member."""
+    conn = _conn(session)
+    segment_store.get_segment(conn, slug=slug)
+    if _wants_ndjson(request):
+        return StreamingResponse(_stream_members(engine, slug), media_type=NDJSON)
+    after = _decode_cursor(cursor) if cursor else None
+    rows = segment_store.list_members(conn, slug=slug, limit=limit + 1, after=after)
+    page = rows[:limit]
+    return MembersPage(
+        data=[MemberPublic(customer_id=m.customer_id, since=m.since) for m in page],
+        next_cursor=_encode_cursor(page[-1].customer_id) if len(rows) > limit else None,
+    )
+
+
+def _stream_members(engine: Any, slug: str) -> Iterator[bytes]:
+    # Its own connection: the request's session is closed before the body is streamed.
+    with engine.connect() as conn:
+        for member in segment_store.iter_members(conn, slug=slug):
+            line = {
+                "customer_id": member.customer_id,
+                "since": member.since.isoformat().replace("+00:00", "Z"),
+            }
+            yield (json.dumps(line) + "\n").encode()
+
+
+@router.get(
+    "/{slug}/transitions",
+    response_model=TransitionsPage,
+    summary="Follow a segment's entries and exits",
+)
+def list_transitions(
+    slug: str,
+    session: SessionDep,
+    _: SupportKey,
+    since: Annotated[
+        str | None,
+        Query(
+            description="a transition id (those after it) or an ISO 8601 time (those at or after it)"
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
+) -> TransitionsPage:
+    conn = _conn(session)
+    segment_store.get_segment(conn, slug=slug)
+    after_id, since_time = _parse_since(since)
+    rows = segment_store.list_transitions(
+        conn, slug=slug, limit=limit, after_id=after_id, since_time=since_time
+    )
+    return TransitionsPage(
+        data=[
+            TransitionPublic(
+                id=t.id,
+                customer_id=t.customer_id,
+                kind=t.kind,
+                source=t.source,
+                occurred_at=t.occurred_at,
+            )
+            for t in rows
+        ],
+        next_cursor=str(rows[-1].id) if rows else None,
+    )
+
+
+def _parse_since(since: str | None) -> tuple[int | None, datetime | None]:
+    if since is None or since == "":
+        return None, None
+    if since.isdigit():
+        return int(since), None
+    try:
+        return None, parse_instant(since.replace(" ", "+"))
+    except ValueError as exc:
+        raise ValidationFailed(
+            [
+                ErrorDetail(
+                    "invalid_value",
+                    f"since is a transition id or an ISO time with a zone: {exc}",
+                    "since",
+                )
+            ]
+        ) from exc
+
+
+def _external(conn: Connection, slug: str) -> None:
+    segment = segment_store.get_segment(conn, slug=slug)
+    if segment.kind != "external":
+        raise Conflict(
+            f"segment {slug!r} is {segment.kind}; only external segments take entries and exits",
+            field="slug",
+        )
+
+
+@router.post(
+    "/{slug}/entries",
+    response_model=MembershipChangePublic,
+    summary="External segment: customers entered",
+)
+def post_entries(
+    slug: str, body: CustomerIdsRequest, session: SessionDep, _: IngestKey
+) -> MembershipChangePublic:
+    conn = _conn(session)
+    _external(conn, slug)
+    ids = sorted(set(body.customer_ids))
+    created = _create_customers(conn, ids)
+    diff = record_transitions(
+        conn,
+        segment_slug=slug,
+        customer_ids=ids,
+        kind="entered",
+        source=f"external:{slug}"[:40],
+        now=utcnow(),
+    )
+    return MembershipChangePublic(entries=diff.entries, exits=diff.exits, created_customers=created)
+
+
+@router.post(
+    "/{slug}/exits",
+    response_model=MembershipChangePublic,
+    summary="External segment: customers left",
+)
+def post_exits(
+    slug: str, body: CustomerIdsRequest, session: SessionDep, _: IngestKey
+) -> MembershipChangePublic:
+    conn = _conn(session)
+    _external(conn, slug)
+    diff = record_transitions(
+        conn,
+        segment_slug=slug,
+        customer_ids=sorted(set(body.customer_ids)),
+        kind="exited",
+        source=f"external:{slug}"[:40],
+        now=utcnow(),
+    )
+    return MembershipChangePublic(entries=diff.entries, exits=diff.exits)
