@@ -124,8 +124,8 @@ async def ensure_background_workflows(client: Client, settings: Settings) -> Non
     from temporalio.common import WorkflowIDConflictPolicy
 
     from activities.dispatch import ensure_dispatcher
-    from core.runs import DISPATCHER_WORKFLOW_ID
     from activities.realtime import RealtimeInput
+    from core.runs import DISPATCHER_WORKFLOW_ID
     from workflows.realtime import REALTIME_WORKFLOW_ID, RealtimeWorkflow
 
     # One of each per task queue, so several stacks can share a Temporal namespace.

@@ -27,6 +27,8 @@ connection = context.config.attributes.get("connection")
 if connection is not None:
     _run(connection)
 else:
-    engine = make_engine(context.config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url)
+    engine = make_engine(
+        context.config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
+    )
     with engine.connect() as conn:
         _run(conn)

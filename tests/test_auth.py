@@ -32,7 +32,12 @@ def test_support_cannot_ingest(api):
     response = api.post(
         "/v1/events",
         role="support",
-        json={"event_id": "e", "customer_id": "c", "name": "n", "occurred_at": "2026-01-01T00:00:00Z"},
+        json={
+            "event_id": "e",
+            "customer_id": "c",
+            "name": "n",
+            "occurred_at": "2026-01-01T00:00:00Z",
+        },
     )
     assert response.status_code == 403
 

@@ -34,7 +34,16 @@ def store_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["dev"], ["api"], ["worker"], ["keys", "create"], ["keys", "list"], ["events", "import"], ["customers", "import"]],
+    [
+        [],
+        ["dev"],
+        ["api"],
+        ["worker"],
+        ["keys", "create"],
+        ["keys", "list"],
+        ["events", "import"],
+        ["customers", "import"],
+    ],
 )
 def test_every_command_has_help(command):
     result = journeys(*command, "--help")
@@ -47,8 +56,9 @@ def test_keys_create_prints_a_working_key(store_env):
     assert result.returncode == 0, result.stderr
     secret = result.stdout.strip().splitlines()[-1]
     assert secret.startswith("jk_support_")
-    from store.keys import verify_key
     from sqlmodel import Session
+
+    from store.keys import verify_key
 
     engine = make_engine(store_env["JOURNEYS_DATABASE_URL"])
     with Session(engine) as session:
@@ -64,7 +74,12 @@ def test_keys_create_refuses_an_unknown_role(store_env):
 
 def test_events_import_ndjson_reports_line_numbers(tmp_path, store_env):
     path = tmp_path / "events.ndjson"
-    good = {"event_id": "e1", "customer_id": "c1", "name": "Purchase", "occurred_at": "2026-11-01T00:00:00Z"}
+    good = {
+        "event_id": "e1",
+        "customer_id": "c1",
+        "name": "Purchase",
+        "occurred_at": "2026-11-01T00:00:00Z",
+    }
     path.write_bytes(
         b"\n".join(
             [
@@ -96,7 +111,9 @@ def test_events_import_csv_puts_extra_columns_in_properties(tmp_path, store_env)
     assert "line 3: occurred_at:" in result.stdout
     engine = make_engine(store_env["JOURNEYS_DATABASE_URL"])
     with engine.connect() as conn:
-        props = conn.execute(text("SELECT properties FROM events WHERE event_id = 'p1'")).scalar_one()
+        props = conn.execute(
+            text("SELECT properties FROM events WHERE event_id = 'p1'")
+        ).scalar_one()
     assert orjson.loads(props) == {"total_price": 19.5, "currency": "EUR"}
 
 

@@ -23,14 +23,21 @@ def patch(api, cid, body):
 
 
 def test_put_creates_then_replaces(api):
-    created = put(api, "c-1", {"email": "ada@example.com", "attributes": {"first_name": "Ada", "plan": "pro"}})
+    created = put(
+        api, "c-1", {"email": "ada@example.com", "attributes": {"first_name": "Ada", "plan": "pro"}}
+    )
     assert created.status_code == 201
     replaced = put(api, "c-1", {"attributes": {"first_name": "Ada L."}})
     assert replaced.status_code == 200
     body = api.get("/v1/customers/c-1", role="support").json()
     assert body["attributes"] == {"first_name": "Ada L."}
     assert body["email"] is None
-    assert body["subscription"] == {"email": True, "sms": True, "email_unsubscribed_at": None, "sms_unsubscribed_at": None}
+    assert body["subscription"] == {
+        "email": True,
+        "sms": True,
+        "email_unsubscribed_at": None,
+        "sms_unsubscribed_at": None,
+    }
 
 
 def test_patch_merges_and_null_removes(api):
@@ -73,14 +80,21 @@ def test_bulk_upsert_merges_attributes_and_reports_bad_lines(api):
     ]
     body = b"\n".join(orjson.dumps(line) for line in lines)
     response = api.post(
-        "/v1/customers/bulk", role="ingest", content=body, headers={"content-type": "application/x-ndjson"}
+        "/v1/customers/bulk",
+        role="ingest",
+        content=body,
+        headers={"content-type": "application/x-ndjson"},
     )
     assert response.status_code == 422
     payload = response.json()
     assert payload["accepted"] == 2
-    assert payload["rejected"] == [{"line": 3, "field": "email", "message": payload["rejected"][0]["message"]}]
+    assert payload["rejected"] == [
+        {"line": 3, "field": "email", "message": payload["rejected"][0]["message"]}
+    ]
     four = api.get("/v1/customers/c-4", role="support").json()
     assert four["attributes"] == {"tier": "gold", "age": 41} and four["email"] == "d@example.com"
     five = api.get("/v1/customers/c-5", role="support").json()
-    assert five["attributes"] == {"tier": "silver", "vip": True} and five["email"] == "e@example.com"
+    assert (
+        five["attributes"] == {"tier": "silver", "vip": True} and five["email"] == "e@example.com"
+    )
     assert api.get("/v1/customers/c-6", role="support").status_code == 404

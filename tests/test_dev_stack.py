@@ -29,11 +29,18 @@ def start_dev(data_dir: Path, port: int, temporal_port: int, ui_port: int) -> su
     env.pop("JOURNEYS_DATABASE_URL", None)
     return subprocess.Popen(
         [
-            sys.executable, "-m", "cli", "dev",
-            "--data-dir", str(data_dir),
-            "--port", str(port),
-            "--temporal-port", str(temporal_port),
-            "--ui-port", str(ui_port),
+            sys.executable,
+            "-m",
+            "cli",
+            "dev",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--temporal-port",
+            str(temporal_port),
+            "--ui-port",
+            str(ui_port),
         ],
         cwd=ROOT,
         env={**env, "COLUMNS": "200"},
@@ -78,9 +85,17 @@ def test_dev_starts_everything_and_sigterm_stops_everything(dev_stack):
     key = (data_dir / "admin-key").read_text().strip()
     ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
     assert ready.json() == {"status": "ready", "database": "ok", "temporal": "ok"}
-    event = {"event_id": "e1", "customer_id": "c1", "name": "Purchase", "occurred_at": "2026-11-01T00:00:00Z"}
+    event = {
+        "event_id": "e1",
+        "customer_id": "c1",
+        "name": "Purchase",
+        "occurred_at": "2026-11-01T00:00:00Z",
+    }
     posted = httpx.post(
-        f"http://127.0.0.1:{port}/v1/events", json=event, headers={"Authorization": f"Bearer {key}"}, timeout=5
+        f"http://127.0.0.1:{port}/v1/events",
+        json=event,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=5,
     )
     assert posted.status_code == 201
     assert httpx.get(f"http://127.0.0.1:{ui_port}/", timeout=5).status_code == 200

@@ -78,7 +78,10 @@ def test_bulk_ndjson_keeps_valid_lines_and_names_each_bad_one(api):
         good[4],
     )
     response = api.post(
-        "/v1/events/bulk", role="ingest", content=body, headers={"content-type": "application/x-ndjson"}
+        "/v1/events/bulk",
+        role="ingest",
+        content=body,
+        headers={"content-type": "application/x-ndjson"},
     )
     assert response.status_code == 422
     payload = response.json()
@@ -91,7 +94,13 @@ def test_bulk_ndjson_keeps_valid_lines_and_names_each_bad_one(api):
     ]
     assert payload["error"]["code"] == "invalid_lines"
     assert count(api.engine, "SELECT count(*) FROM events") == 5
-    assert count(api.engine, "SELECT count(*) FROM events WHERE event_id IN ('no-zone', 'bad-type', 'no-name')") == 0
+    assert (
+        count(
+            api.engine,
+            "SELECT count(*) FROM events WHERE event_id IN ('no-zone', 'bad-type', 'no-name')",
+        )
+        == 0
+    )
 
 
 def test_bulk_json_array_all_valid_answers_200(api):
@@ -115,16 +124,49 @@ def test_bulk_history_import_is_not_processed_in_real_time(api):
         (b'{"event_id": "e-1", ', "application/json", 400, "body"),
         (orjson.dumps({**EVENT, "properties": [1, 2]}), "application/json", 422, "properties"),
         (orjson.dumps({**EVENT, "event_id": 17}), "application/json", 422, "event_id"),
-        (orjson.dumps({k: v for k, v in EVENT.items() if k != "customer_id"}), "application/json", 422, "customer_id"),
-        (orjson.dumps({**EVENT, "occurred_at": "2026-11-20T10:00:00"}), "application/json", 422, "occurred_at"),
-        (orjson.dumps({**EVENT, "occurred_at": "yesterday"}), "application/json", 422, "occurred_at"),
+        (
+            orjson.dumps({k: v for k, v in EVENT.items() if k != "customer_id"}),
+            "application/json",
+            422,
+            "customer_id",
+        ),
+        (
+            orjson.dumps({**EVENT, "occurred_at": "2026-11-20T10:00:00"}),
+            "application/json",
+            422,
+            "occurred_at",
+        ),
+        (
+            orjson.dumps({**EVENT, "occurred_at": "yesterday"}),
+            "application/json",
+            422,
+            "occurred_at",
+        ),
         (orjson.dumps({**EVENT, "colour": "red"}), "application/json", 422, "colour"),
-        (orjson.dumps({**EVENT, "properties": {"x": "y" * 300_000}}), "application/json", 413, "body"),
+        (
+            orjson.dumps({**EVENT, "properties": {"x": "y" * 300_000}}),
+            "application/json",
+            413,
+            "body",
+        ),
     ],
-    ids=["malformed", "wrong-type", "id-not-string", "missing", "no-zone", "not-a-time", "unknown-field", "too-large"],
+    ids=[
+        "malformed",
+        "wrong-type",
+        "id-not-string",
+        "missing",
+        "no-zone",
+        "not-a-time",
+        "unknown-field",
+        "too-large",
+    ],
 )
-def test_bad_single_events_answer_4xx_naming_the_field_and_store_nothing(api, body, content_type, status, field):
-    response = api.post("/v1/events", role="ingest", content=body, headers={"content-type": content_type})
+def test_bad_single_events_answer_4xx_naming_the_field_and_store_nothing(
+    api, body, content_type, status, field
+):
+    response = api.post(
+        "/v1/events", role="ingest", content=body, headers={"content-type": content_type}
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["field"] == field and error["message"] and error["code"]
@@ -133,9 +175,14 @@ def test_bad_single_events_answer_4xx_naming_the_field_and_store_nothing(api, bo
 
 
 def test_bulk_over_the_size_limit_is_refused_whole(api):
-    lines = [{**EVENT, "event_id": f"big-{i}", "properties": {"pad": "x" * 1000}} for i in range(400)]
+    lines = [
+        {**EVENT, "event_id": f"big-{i}", "properties": {"pad": "x" * 1000}} for i in range(400)
+    ]
     response = api.post(
-        "/v1/events/bulk", role="ingest", content=ndjson(*lines), headers={"content-type": "application/x-ndjson"}
+        "/v1/events/bulk",
+        role="ingest",
+        content=ndjson(*lines),
+        headers={"content-type": "application/x-ndjson"},
     )
     assert response.status_code == 413
     assert response.json()["error"]["field"] == "body"
@@ -152,6 +199,8 @@ def test_bulk_over_the_line_limit_is_refused_whole(store_engine):
 
 
 def test_bulk_needs_a_json_content_type(api):
-    response = api.post("/v1/events/bulk", role="ingest", content=b"a,b\n1,2", headers={"content-type": "text/csv"})
+    response = api.post(
+        "/v1/events/bulk", role="ingest", content=b"a,b\n1,2", headers={"content-type": "text/csv"}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["field"] == "content-type"

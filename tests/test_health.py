@@ -22,9 +22,11 @@ async def test_readyz_is_ready_against_a_real_temporal(sqlite_engine, dev_server
 
     target = dev_server_env.client.service_client.config.target_host
     app = create_app(settings_for_tests(temporal_address=target), sqlite_engine)
-    async with app.router.lifespan_context(app):
-        async with AsyncClient(transport=ASGITransport(app=app), base_url="http://api") as client:
-            response = await client.get("/readyz")
+    async with (
+        app.router.lifespan_context(app),
+        AsyncClient(transport=ASGITransport(app=app), base_url="http://api") as client,
+    ):
+        response = await client.get("/readyz")
     assert response.status_code == 200, response.text
     assert response.json() == {"status": "ready", "database": "ok", "temporal": "ok"}
 

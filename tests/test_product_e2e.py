@@ -73,12 +73,20 @@ async def test_events_alone_bring_a_champion_their_welcome_email(dev_server_env,
     async with (
         build_worker(client, settings, sqlite_engine),
         app.router.lifespan_context(app),
-        AsyncClient(transport=ASGITransport(app=app), base_url="http://api", headers=headers) as api,
+        AsyncClient(
+            transport=ASGITransport(app=app), base_url="http://api", headers=headers
+        ) as api,
     ):
         await ensure_background_workflows(client, settings)
         customers = [f"c{i}" for i in range(10)]
         profiles = "\n".join(
-            json.dumps({"customer_id": c, "email": f"{c}@example.com", "attributes": {"first_name": c.upper()}})
+            json.dumps(
+                {
+                    "customer_id": c,
+                    "email": f"{c}@example.com",
+                    "attributes": {"first_name": c.upper()},
+                }
+            )
             for c in customers
         )
         response = await api.post(
@@ -110,7 +118,9 @@ async def test_events_alone_bring_a_champion_their_welcome_email(dev_server_env,
         # Only events from here on: c9 buys most, most recently, for the most money.
         events = []
         for i, customer in enumerate(customers[:-1]):
-            events += purchases(customer, count=1, price=10.0 + i, last=now - timedelta(days=60 + i))
+            events += purchases(
+                customer, count=1, price=10.0 + i, last=now - timedelta(days=60 + i)
+            )
         events += purchases("c9", count=6, price=200.0, last=now - timedelta(hours=1))
         response = await api.post("/v1/events/bulk", json=events)
         assert response.status_code == 200, response.text
@@ -139,11 +149,15 @@ async def test_events_alone_bring_a_champion_their_welcome_email(dev_server_env,
         assert response.status_code == 200, response.text
         await wait_for(lambda: welcome_for("c8"), "c8's welcome email after real-time rescoring")
         with sqlite_engine.connect() as conn:
-            sources = conn.execute(
-                text(
-                    "SELECT source FROM segment_transitions WHERE customer_id = 'c8'"
-                    " AND segment_slug = 'default:champions' AND kind = 'entered'"
+            sources = (
+                conn.execute(
+                    text(
+                        "SELECT source FROM segment_transitions WHERE customer_id = 'c8'"
+                        " AND segment_slug = 'default:champions' AND kind = 'entered'"
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
         assert len(sources) == 1 and sources[0].startswith("rfm-realtime:"), sources
         await api.delete("/v1/rfm-models/default")

@@ -26,10 +26,14 @@ class ApiHarness:
         return {"Authorization": f"Bearer {self.keys[role]}", **extra}
 
     def post(self, path: str, role: str = "admin", **kwargs: Any) -> Any:
-        return self.client.post(path, headers=self.headers(role, **kwargs.pop("headers", {})), **kwargs)
+        return self.client.post(
+            path, headers=self.headers(role, **kwargs.pop("headers", {})), **kwargs
+        )
 
     def get(self, path: str, role: str = "admin", **kwargs: Any) -> Any:
-        return self.client.get(path, headers=self.headers(role, **kwargs.pop("headers", {})), **kwargs)
+        return self.client.get(
+            path, headers=self.headers(role, **kwargs.pop("headers", {})), **kwargs
+        )
 
 
 def settings_for_tests(**overrides: Any) -> Settings:
