@@ -2,48 +2,27 @@
 
 `SegmentActivities.evaluate_segments` evaluates one rule segment (or every due one),
 then the rule segments that depend on what it evaluated, each in its own transaction,
-heartbeating between segments. The schedule helpers are what the API calls (through the
-Temporal client) when a rule segment is saved or deleted: one schedule per segment, id
-`segment-eval:{slug}`, default every 5 minutes, overlapping runs skipped.
+heartbeating between segments. The API keeps one Temporal Schedule per rule segment
+(api/schedules.py) that starts `SegmentEvaluationWorkflow` with this activity.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 from temporalio import activity
-from temporalio.client import (
-    Client,
-    Schedule,
-    ScheduleActionStartWorkflow,
-    ScheduleAlreadyRunningError,
-    ScheduleIntervalSpec,
-    ScheduleOverlapPolicy,
-    SchedulePolicy,
-    ScheduleSpec,
-    ScheduleUpdate,
-    ScheduleUpdateInput,
-)
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
 
 from core.errors import NotFound
 from store import segments as segment_store
 
 log = logging.getLogger("journeys.segments")
 
-SEGMENT_WORKFLOW = "SegmentEvaluationWorkflow"
 EVALUATE_SEGMENTS_ACTIVITY = "evaluate_segments"
-
-
-class SegmentEvaluationInput(BaseModel):
-    """What a scheduled run evaluates: one segment, or every due one (`slug` None)."""
-
-    slug: str | None = None
 
 
 class EvaluateSegmentsInput(BaseModel):
@@ -61,10 +40,6 @@ class SegmentPassResult(BaseModel):
 
 class EvaluateSegmentsResult(BaseModel):
     passes: list[SegmentPassResult] = Field(default_factory=list)
-
-
-def schedule_id(slug: str) -> str:
-    return f"segment-eval:{slug}"
 
 
 class SegmentActivities:
@@ -112,43 +87,3 @@ class SegmentActivities:
             exits=diff.exits,
             duration_ms=int((time.monotonic() - started) * 1000),
         )
-
-
-# --- schedules: called by the API through the Temporal client ----------------------------
-
-
-def segment_schedule(*, slug: str, every: timedelta, task_queue: str) -> Schedule:
-    return Schedule(
-        action=ScheduleActionStartWorkflow(
-            SEGMENT_WORKFLOW,
-            SegmentEvaluationInput(slug=slug),
-            id=schedule_id(slug),
-            task_queue=task_queue,
-        ),
-        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-    )
-
-
-async def upsert_segment_schedule(
-    client: Client, *, slug: str, every: timedelta, task_queue: str
-) -> None:
-    """Create the segment's schedule, or give the existing one this interval."""
-    schedule = segment_schedule(slug=slug, every=every, task_queue=task_queue)
-    try:
-        await client.create_schedule(schedule_id(slug), schedule)
-    except ScheduleAlreadyRunningError:
-
-        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
-            return ScheduleUpdate(schedule=schedule)
-
-        await client.get_schedule_handle(schedule_id(slug)).update(replace)
-
-
-async def delete_segment_schedule(client: Client, *, slug: str) -> None:
-    """Delete the segment's schedule; a schedule already gone is fine."""
-    try:
-        await client.get_schedule_handle(schedule_id(slug)).delete()
-    except RPCError as exc:
-        if exc.status != RPCStatusCode.NOT_FOUND:
-            raise

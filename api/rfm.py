@@ -22,7 +22,7 @@ from pydantic import AwareDatetime, BaseModel, Field
 from sqlalchemy.engine import Engine
 
 from api.deps import EngineDep, MarketerKey
-from api.rfm_schedules import sync_rfm_schedule
+from api.schedules import sync_rfm_schedule
 from core.errors import ErrorDetail, JourneysError, ValidationFailed
 from core.rfm import RfmModelCreate, RfmModelPublic, RfmModelUpdate, segment_slug
 from core.tables import utcnow

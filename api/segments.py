@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
-from activities.segments import delete_segment_schedule, upsert_segment_schedule
 from api.deps import EngineDep, IngestKey, MarketerKey, SessionDep, SupportKey
+from api.schedules import delete_segment_schedule, upsert_segment_schedule
 from core.conditions import parse_instant
 from core.durations import parse_duration
 from core.errors import Conflict, ErrorDetail, JourneysError, ValidationFailed

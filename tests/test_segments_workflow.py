@@ -11,13 +11,10 @@ from sqlalchemy import text
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from activities.segments import (
-    SegmentActivities,
-    SegmentEvaluationInput,
-    delete_segment_schedule,
-    schedule_id,
-    upsert_segment_schedule,
-)
+from activities.segments import SegmentActivities
+from api.schedules import delete_segment_schedule, upsert_segment_schedule
+from core.segments import SegmentEvaluationInput
+from core.segments import segment_schedule_id as schedule_id
 from store import segments as store
 from tests.utils.api import settings_for_tests
 from tests.utils.segments import NOW, add_customer, add_event

@@ -10,11 +10,10 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from activities.segments import (
         EVALUATE_SEGMENTS_ACTIVITY,
-        SEGMENT_WORKFLOW,
         EvaluateSegmentsInput,
         EvaluateSegmentsResult,
-        SegmentEvaluationInput,
     )
+    from core.segments import SEGMENT_WORKFLOW, SegmentEvaluationInput
 
 
 @workflow.defn(name=SEGMENT_WORKFLOW)
