@@ -220,21 +220,9 @@ def claim_send(
     now: datetime,
 ) -> int | None:
     """Record a new send as `sending` under its key; its id, or None if the key exists."""
-    row = session.execute(
-        text(
-            "INSERT INTO messages (idempotency_key, workflow_id, run_id, step, journey_slug,"
-            ' version, customer_id, channel, template, "to", headers, links, status, provider,'
-            " attempts, created_at, updated_at)"
-            " VALUES (:key, :workflow_id, :run_id, :step, :journey_slug, :version, :customer_id,"
-            " :channel, :template, :to, :empty_headers, :empty_links, 'sending', :provider, 1,"
-            " :now, :now)"
-            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
-        ).bindparams(
-            bindparam("empty_headers", type_=JSONType),
-            bindparam("empty_links", type_=JSONType),
-            *_ts("now"),
-        ),
-        {
+    return _insert_message(
+        session,
+        values={
             "key": idempotency_key,
             "workflow_id": workflow_id,
             "run_id": run_id,
@@ -245,11 +233,32 @@ def claim_send(
             "channel": channel,
             "template": template,
             "to": to,
-            "empty_headers": {},
-            "empty_links": [],
+            "status": "sending",
             "provider": provider,
+            "error": None,
+            "attempts": 1,
             "now": now,
         },
+    )
+
+
+def _insert_message(session: Store, *, values: dict[str, Any]) -> int | None:
+    """Insert a message row unless its idempotency key has one; its id, or None."""
+    row = session.execute(
+        text(
+            "INSERT INTO messages (idempotency_key, workflow_id, run_id, step, journey_slug,"
+            ' version, customer_id, channel, template, "to", headers, links, status, provider,'
+            " error, attempts, created_at, updated_at)"
+            " VALUES (:key, :workflow_id, :run_id, :step, :journey_slug, :version, :customer_id,"
+            " :channel, :template, :to, :empty_headers, :empty_links, :status, :provider, :error,"
+            " :attempts, :now, :now)"
+            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+        ).bindparams(
+            bindparam("empty_headers", type_=JSONType),
+            bindparam("empty_links", type_=JSONType),
+            *_ts("now"),
+        ),
+        {**values, "empty_headers": {}, "empty_links": []},
     ).first()
     return None if row is None else int(row[0])
 
@@ -351,21 +360,9 @@ def record_unsent(
 ) -> int | None:
     """Record a send that never reached a provider (`skipped` or `failed`) under its
     key; its id, or None when the key already had a row."""
-    row = session.execute(
-        text(
-            "INSERT INTO messages (idempotency_key, workflow_id, run_id, step, journey_slug,"
-            ' version, customer_id, channel, template, "to", headers, links, status, provider,'
-            " error, attempts, created_at, updated_at)"
-            " VALUES (:key, :workflow_id, :run_id, :step, :journey_slug, :version, :customer_id,"
-            " :channel, :template, :to, :empty_headers, :empty_links, :status, 'none', :reason, 0,"
-            " :now, :now)"
-            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
-        ).bindparams(
-            bindparam("empty_headers", type_=JSONType),
-            bindparam("empty_links", type_=JSONType),
-            *_ts("now"),
-        ),
-        {
+    return _insert_message(
+        session,
+        values={
             "key": idempotency_key,
             "workflow_id": workflow_id,
             "run_id": run_id,
@@ -376,14 +373,13 @@ def record_unsent(
             "channel": channel,
             "template": template,
             "to": to,
-            "empty_headers": {},
-            "empty_links": [],
             "status": status,
-            "reason": reason,
+            "provider": "none",
+            "error": reason,
+            "attempts": 0,
             "now": now,
         },
-    ).first()
-    return None if row is None else int(row[0])
+    )
 
 
 def record_run_event(
