@@ -48,7 +48,7 @@ def finish(code: int = 0) -> None:
     os._exit(code)
 
 
-# --- foundation commands: dev, api, worker, keys, events, customers ---
+# --- running it: dev, api, worker; keys; imports ---
 
 
 @app.command()
@@ -244,7 +244,7 @@ def customers_import(
     _import_file(file, "customers", batch_size)
 
 
-# --- rfm commands ---
+# --- RFM ---
 
 
 @app.command("score")
@@ -310,7 +310,7 @@ def score(
     finish(0)
 
 
-# --- segment commands ---
+# --- segments ---
 
 segments_app = typer.Typer(help="Evaluate rule-based segments.", no_args_is_help=True)
 app.add_typer(segments_app, name="segments")
@@ -344,7 +344,7 @@ def segments_evaluate(
     finish(0)
 
 
-# --- journey commands ---
+# --- journeys ---
 
 journey_templates_app = typer.Typer(
     help="The seed's five RFM journeys shipped in templates/journeys/.", no_args_is_help=True
@@ -432,9 +432,7 @@ def journey_templates_install(
     finish(0)
 
 
-# --- message commands ---
-
-# --- inspection commands ---
+# --- inspection ---
 
 
 @app.command("inspect")

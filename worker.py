@@ -31,29 +31,31 @@ async def connect_client(settings: Settings) -> Client:
 
 def workflow_classes() -> list[type]:
     """Every workflow the product runs."""
-    from workflows.realtime import RealtimeWorkflow
-
-    workflows: list[type] = [RealtimeWorkflow]
-    # --- workflows of each room register here ---
-    from workflows.scoring import RfmScoringWorkflow
-
-    workflows.append(RfmScoringWorkflow)
     from workflows.dispatch import DispatcherWorkflow
     from workflows.journey import JourneyWorkflow
-
-    workflows += [JourneyWorkflow, DispatcherWorkflow]
+    from workflows.realtime import RealtimeWorkflow
+    from workflows.scoring import RfmScoringWorkflow
     from workflows.segments import SegmentEvaluationWorkflow
 
-    workflows.append(SegmentEvaluationWorkflow)
-    return workflows
+    return [
+        JourneyWorkflow,
+        DispatcherWorkflow,
+        RealtimeWorkflow,
+        RfmScoringWorkflow,
+        SegmentEvaluationWorkflow,
+    ]
 
 
 def activity_functions(
     settings: Settings, engine: Engine, client: Client
 ) -> list[Callable[..., Any]]:
     """Every activity, bound to the store, the settings and the client it needs."""
-    from activities.dispatch import signal_customer_events
+    from activities.dispatch import TransitionDispatcher, signal_customer_events
+    from activities.messaging import MessagingActivities
     from activities.realtime import RealtimeActivities
+    from activities.runs import RunActivities
+    from activities.scoring import ScoringActivities
+    from activities.segments import SegmentActivities
 
     async def signal_events(events: Sequence[dict[str, Any]]) -> None:
         await signal_customer_events(client, engine, events)
@@ -61,28 +63,20 @@ def activity_functions(
     realtime = RealtimeActivities(
         engine, settings, customer_steps=realtime_customer_steps(), event_sink=signal_events
     )
-    activities: list[Callable[..., Any]] = [realtime.process_realtime]
-    # --- activities of each room register here ---
-    from activities.scoring import ScoringActivities
-
-    activities.append(ScoringActivities(engine, settings).run_rfm_pass)
-    from activities.messaging import MessagingActivities
-
-    activities += MessagingActivities(engine=engine, settings=settings).all()
-    from activities.dispatch import TransitionDispatcher
-    from activities.runs import RunActivities
-
-    activities += RunActivities(engine).all()
-    activities += TransitionDispatcher(
+    dispatcher = TransitionDispatcher(
         engine,
         client,
         task_queue=settings.task_queue,
         history_event_threshold=settings.history_event_threshold,
-    ).activities()
-    from activities.segments import SegmentActivities
-
-    activities.append(SegmentActivities(engine).evaluate_segments)
-    return activities
+    )
+    return [
+        realtime.process_realtime,
+        ScoringActivities(engine, settings).run_rfm_pass,
+        SegmentActivities(engine).evaluate_segments,
+        *MessagingActivities(engine=engine, settings=settings).all(),
+        *RunActivities(engine).all(),
+        *dispatcher.activities(),
+    ]
 
 
 def build_worker(

@@ -51,25 +51,22 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
 
 def _include_routers(app: FastAPI) -> None:
-    from api import customers, events, health, keys
+    from api import (
+        analytics,
+        customers,
+        events,
+        health,
+        journeys,
+        keys,
+        messages,
+        rfm,
+        runs,
+        segments,
+        tracking,
+        webhooks,
+    )
 
-    for module in (health, keys, events, customers):
+    for module in (health, keys, events, customers, rfm, segments, journeys, runs, analytics):
         app.include_router(module.router)
-    # --- routers of the other rooms (rfm, segments, journeys, messages, runs) ---
-    from api import rfm
-
-    app.include_router(rfm.router)
-    from api import messages, tracking, webhooks
-
     for router in (*messages.routers, tracking.router, webhooks.router):
         app.include_router(router)
-    from api import segments
-
-    app.include_router(segments.router)
-    from api import journeys
-
-    app.include_router(journeys.router)
-    from api import analytics, runs
-
-    app.include_router(runs.router)
-    app.include_router(analytics.router)
