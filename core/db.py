@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -24,14 +26,27 @@ def normalise_url(url: str) -> str:
 
 def _tune_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001
     cursor = dbapi_connection.cursor()
-    # WAL lets readers run beside the single writer; busy_timeout makes writers queue
-    # instead of failing with "database is locked" when the API and worker overlap.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    # busy_timeout makes writers queue instead of failing with "database is locked" when
+    # the API and worker overlap; WAL lets readers run beside the single writer.
     cursor.execute("PRAGMA busy_timeout=60000")
+    _use_wal(cursor)
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA cache_size=-65536")
     cursor.close()
+
+
+def _use_wal(cursor) -> None:  # noqa: ANN001
+    # WAL is a property of the file: only its first opener switches it, and the switch
+    # answers "locked" at once (no busy wait) while other processes open a new file.
+    for _ in range(100):
+        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            time.sleep(0.05)
+    cursor.execute("PRAGMA journal_mode=WAL")
 
 
 def make_engine(url: str) -> Engine:
