@@ -66,8 +66,7 @@ def csv_records(lines: Iterable[str], known: set[str]) -> Iterator[tuple[int, An
         extra: dict[str, Any] = {}
         for column, value in row.items():
             if column is None:
-                return_error = ValueError("more values than header columns")
-                yield number, return_error
+                yield number, ValueError("more values than header columns")
                 break
             if column in known:
                 if value != "":
