@@ -1,9 +1,9 @@
 """Inspection and analytics figures (issue 8). Run by hand, never under pytest:
 
-    .venv/bin/python bench/inspect.py                        # 100,000 runs, PostgreSQL
-    .venv/bin/python bench/inspect.py --runs 10000 --samples 200
-    .venv/bin/python bench/inspect.py --db sqlite --runs 100000
-    .venv/bin/python bench/inspect.py --reuse                # skip generation
+    .venv/bin/python bench/inspection.py                        # 100,000 runs, PostgreSQL
+    .venv/bin/python bench/inspection.py --runs 10000 --samples 200
+    .venv/bin/python bench/inspection.py --db sqlite --runs 100000
+    .venv/bin/python bench/inspection.py --reuse                # skip generation
 
 It builds a store in its own PostgreSQL schema (`bench_inspect`, or a SQLite file under
 /tmp) holding `--runs` runs of the shipped Champions journey (`--journeys` > 1 spreads
