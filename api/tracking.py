@@ -8,6 +8,7 @@ import asyncio
 import base64
 import logging
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -20,7 +21,14 @@ from core.errors import NotFound
 from core.settings import Settings
 from core.signals import JOURNEY_EVENT_SIGNAL, CustomerEventSignal
 from core.tables import utcnow
-from core.tokens import InvalidToken, read_link_token, read_open_token, read_unsubscribe_token
+from core.tokens import (
+    InvalidToken,
+    MessageOpen,
+    TrackedLink,
+    read_link_token,
+    read_open_token,
+    read_unsubscribe_token,
+)
 from store import messages as message_store
 
 log = logging.getLogger("journeys.tracking")
@@ -52,6 +60,35 @@ async def signal_run(
         return False
 
 
+async def record_and_signal(
+    request: Request,
+    engine: Engine,
+    *,
+    token: TrackedLink | MessageOpen,
+    kind: str,
+    detail: dict[str, Any],
+    signal: str,
+) -> None:
+    """Record a click or open against its message, then signal it to the run."""
+    now = utcnow()
+
+    def record() -> None:
+        with session_scope(engine) as session:
+            message_store.record_message_event(
+                session, message_id=token.message_id, kind=kind, detail=detail, occurred_at=now
+            )
+
+    await run_in_threadpool(record)
+    await signal_run(
+        request,
+        workflow_id=token.workflow_id,
+        run_id=token.run_id,
+        name=signal,
+        step=token.step,
+        at=now,
+    )
+
+
 @router.get(
     "/t/{token}",
     response_class=RedirectResponse,
@@ -70,26 +107,13 @@ async def follow_link(
         link = read_link_token(settings.secret_key, token)
     except InvalidToken as exc:
         raise NotFound("unknown link") from exc
-    now = utcnow()
-
-    def record() -> None:
-        with session_scope(engine) as session:
-            message_store.record_message_event(
-                session,
-                message_id=link.message_id,
-                kind="click",
-                detail={"url": link.url, "step": link.step, "source": "tracked_link"},
-                occurred_at=now,
-            )
-
-    await run_in_threadpool(record)
-    await signal_run(
+    await record_and_signal(
         request,
-        workflow_id=link.workflow_id,
-        run_id=link.run_id,
-        name="email_clicked",
-        step=link.step,
-        at=now,
+        engine,
+        token=link,
+        kind="click",
+        detail={"url": link.url, "step": link.step, "source": "tracked_link"},
+        signal="email_clicked",
     )
     return RedirectResponse(link.url, status_code=302)
 
@@ -108,26 +132,13 @@ async def open_pixel(
         opened = read_open_token(settings.secret_key, token)
     except InvalidToken as exc:
         raise NotFound("unknown pixel") from exc
-    now = utcnow()
-
-    def record() -> None:
-        with session_scope(engine) as session:
-            message_store.record_message_event(
-                session,
-                message_id=opened.message_id,
-                kind="open",
-                detail={"source": "pixel"},
-                occurred_at=now,
-            )
-
-    await run_in_threadpool(record)
-    await signal_run(
+    await record_and_signal(
         request,
-        workflow_id=opened.workflow_id,
-        run_id=opened.run_id,
-        name="email_opened",
-        step=opened.step,
-        at=now,
+        engine,
+        token=opened,
+        kind="open",
+        detail={"source": "pixel"},
+        signal="email_opened",
     )
     return Response(_PIXEL, media_type="image/gif", headers={"Cache-Control": "no-store"})
 
