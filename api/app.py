@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ from api.limits import BodySizeLimit
 from core.db import make_engine
 from core.migrate import migrate
 from core.settings import Settings, get_settings
+from store.event_writers import EventWriter
 from store.keys import ensure_key
 
 
@@ -32,7 +34,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                     session, secret=settings.bootstrap_admin_key, role="admin", name="bootstrap"
                 )
                 session.commit()
-        yield
+        app.state.event_writer = EventWriter(engine)
+        await app.state.event_writer.open()
+        # Everything loaded so far lives as long as the process: out of the collector's
+        # sight, a full collection no longer walks it (measured: the p99 of single events).
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await app.state.event_writer.close()
 
     app = FastAPI(
         title="journeys",

@@ -10,7 +10,8 @@ from api.bulk import BulkResult, PartlyRejected, read_batch
 from api.deps import EngineDep, IngestKey
 from core.events import EventIn
 from core.tables import utcnow
-from store.events import insert_event, insert_events
+from store.event_writers import EventWriter
+from store.events import insert_events
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
@@ -26,12 +27,12 @@ class EventAccepted(BaseModel):
     status_code=201,
     responses={200: {"model": EventAccepted, "description": "a repeat of a stored event_id"}},
 )
-def post_event(
-    event: EventIn, engine: EngineDep, _: IngestKey, response: Response
+async def post_event(
+    event: EventIn, request: Request, _: IngestKey, response: Response
 ) -> EventAccepted:
     """Store one event; a repeated `event_id` answers 200 `{"duplicate": true}`."""
-    with engine.begin() as conn:
-        inserted = insert_event(conn, event=event, now=utcnow())
+    writer: EventWriter = request.app.state.event_writer
+    inserted = await writer.write(event)
     if not inserted:
         response.status_code = 200
     return EventAccepted(event_id=event.event_id, duplicate=not inserted)

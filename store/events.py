@@ -8,12 +8,10 @@ from typing import Any
 
 import orjson
 from sqlalchemy import select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 from core.events import EventIn
-from core.tables import Customer, Event
+from core.tables import Event
 
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -23,69 +21,88 @@ def sqlite_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime(_SQLITE_TIME)
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
-
-
-def ensure_customers(conn: Connection, *, customer_ids: Sequence[str], now: datetime) -> int:
-    """Create the customers that do not exist yet; returns how many were created."""
-    ids = sorted(set(customer_ids))
-    if not ids:
-        return 0
-    statement = (
-        _insert(conn, Customer.__table__)
-        .values(
-            [{"id": cid, "attributes": {}, "created_at": now, "updated_at": now} for cid in ids]
-        )
-        .on_conflict_do_nothing(index_elements=["id"])
-    )
-    return conn.execute(statement).rowcount or 0
-
-
-_INSERT_EVENT_POSTGRES = text(
-    "WITH new_customer AS ("
-    " INSERT INTO customers (id, attributes, created_at, updated_at)"
-    " VALUES (:customer_id, '{}'::jsonb, :now, :now) ON CONFLICT (id) DO NOTHING)"
-    " INSERT INTO events (event_id, customer_id, name, occurred_at, properties, received_at,"
-    " realtime_pending)"
-    " VALUES (:event_id, :customer_id, :name, :occurred_at, CAST(:properties AS jsonb), :now,"
-    " :realtime) ON CONFLICT (event_id) DO NOTHING RETURNING id"
+SQLITE_INSERT_CUSTOMER = (
+    "INSERT INTO customers (id, attributes, created_at, updated_at, realtime_pending)"
+    " VALUES (?, '{}', ?, ?, 0) ON CONFLICT (id) DO NOTHING"
+)
+SQLITE_INSERT_EVENT = (
+    "INSERT INTO events (event_id, customer_id, name, occurred_at, properties,"
+    " received_at, realtime_pending) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (event_id) DO NOTHING"
 )
 
 
-def insert_event(conn: Connection, *, event: EventIn, now: datetime, realtime: bool = True) -> bool:
-    """Store one event; False when its `event_id` was stored before (also under a race)."""
-    if conn.dialect.name == "postgresql":
-        # One round trip: the customer and the event in a single statement.
-        inserted = conn.execute(
-            _INSERT_EVENT_POSTGRES,
+def sqlite_event_row(event: EventIn, *, stamp: str, realtime: bool) -> tuple[Any, ...]:
+    """The parameters of SQLITE_INSERT_EVENT for `event` received at `stamp`."""
+    return (
+        event.event_id,
+        event.customer_id,
+        event.name,
+        sqlite_time(event.occurred_at),
+        orjson.dumps(event.properties).decode(),
+        stamp,
+        1 if realtime else 0,
+    )
+
+
+_INSERT_GROUP_POSTGRES = (
+    "WITH batch AS (SELECT * FROM unnest(%(event_ids)s::text[], %(customer_ids)s::text[],"
+    " %(names)s::text[], %(times)s::timestamptz[], %(properties)s::text[]::jsonb[])"
+    " AS b (event_id, customer_id, name, occurred_at, properties)),"
+    " new_customers AS (INSERT INTO customers (id, attributes, created_at, updated_at)"
+    " SELECT DISTINCT customer_id, '{}'::jsonb, %(now)s, %(now)s FROM batch"
+    # One lock order for every writer: concurrent groups sharing rows would deadlock.
+    " ORDER BY customer_id ON CONFLICT (id) DO NOTHING)"
+    " INSERT INTO events (event_id, customer_id, name, occurred_at, properties, received_at,"
+    " realtime_pending)"
+    " SELECT event_id, customer_id, name, occurred_at, properties, %(now)s, true FROM batch"
+    " ORDER BY event_id ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
+
+
+def insert_event_group(conn: Connection, *, events: Sequence[EventIn], now: datetime) -> list[bool]:
+    """Store single events (for real-time processing) in the caller's transaction.
+
+    Returns, event by event, True when it was stored and False when its `event_id` was
+    stored before, by an earlier group or by an earlier event of this one.
+    """
+    if conn.dialect.name != "postgresql":
+        return _insert_group_sqlite(conn, events=events, now=now)
+    raw = conn.connection.dbapi_connection
+    with raw.cursor() as cursor:  # type: ignore[union-attr]
+        cursor.execute(
+            _INSERT_GROUP_POSTGRES,
             {
-                "customer_id": event.customer_id,
+                "event_ids": [e.event_id for e in events],
+                "customer_ids": [e.customer_id for e in events],
+                "names": [e.name for e in events],
+                "times": [e.occurred_at for e in events],
+                "properties": [orjson.dumps(e.properties).decode() for e in events],
                 "now": now,
-                "event_id": event.event_id,
-                "name": event.name,
-                "occurred_at": event.occurred_at,
-                "properties": orjson.dumps(event.properties).decode(),
-                "realtime": realtime,
             },
         )
-        return inserted.first() is not None
-    ensure_customers(conn, customer_ids=[event.customer_id], now=now)
-    statement = (
-        _insert(conn, Event.__table__)
-        .values(
-            event_id=event.event_id,
-            customer_id=event.customer_id,
-            name=event.name,
-            occurred_at=event.occurred_at,
-            properties=event.properties,
-            received_at=now,
-            realtime_pending=realtime,
-        )
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(Event.__table__.c.id)
-    )
-    return conn.execute(statement).first() is not None
+        stored = {row[0] for row in cursor.fetchall()}
+    outcomes = []
+    for event in events:
+        outcomes.append(event.event_id in stored)
+        stored.discard(event.event_id)  # a second copy in this group is a repeat
+    return outcomes
+
+
+def _insert_group_sqlite(
+    conn: Connection, *, events: Sequence[EventIn], now: datetime
+) -> list[bool]:
+    stamp = sqlite_time(now)
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        outcomes = []
+        for event in events:
+            cursor.execute(SQLITE_INSERT_CUSTOMER, (event.customer_id, stamp, stamp))
+            cursor.execute(SQLITE_INSERT_EVENT, sqlite_event_row(event, stamp=stamp, realtime=True))
+            outcomes.append(cursor.rowcount == 1)
+        return outcomes
+    finally:
+        cursor.close()
 
 
 def insert_events(
@@ -106,27 +123,12 @@ def _insert_events_sqlite(
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         cursor.executemany(
-            "INSERT INTO customers (id, attributes, created_at, updated_at, realtime_pending)"
-            " VALUES (?, '{}', ?, ?, 0) ON CONFLICT (id) DO NOTHING",
-            [(cid, stamp, stamp) for cid in {e.customer_id for e in events}],
+            SQLITE_INSERT_CUSTOMER, [(cid, stamp, stamp) for cid in {e.customer_id for e in events}]
         )
         before = conn.connection.dbapi_connection.total_changes  # type: ignore[union-attr]
         cursor.executemany(
-            "INSERT INTO events (event_id, customer_id, name, occurred_at, properties,"
-            " received_at, realtime_pending) VALUES (?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (event_id) DO NOTHING",
-            [
-                (
-                    e.event_id,
-                    e.customer_id,
-                    e.name,
-                    sqlite_time(e.occurred_at),
-                    orjson.dumps(e.properties).decode(),
-                    stamp,
-                    1 if realtime else 0,
-                )
-                for e in events
-            ],
+            SQLITE_INSERT_EVENT,
+            [sqlite_event_row(e, stamp=stamp, realtime=realtime) for e in events],
         )
         return conn.connection.dbapi_connection.total_changes - before  # type: ignore[union-attr]
     finally:
