@@ -326,21 +326,39 @@ def score_model(
     step(1)
     scored_sql, params, expanding = scoring_sql(conn, model, as_of=as_of)
     params.update(rfm_model=model_slug, rfm_pass_id=pass_id, rfm_now=now)
-    scored = _write_scores(conn, scored_sql, params, expanding)
+    scored = _stage_scores(conn, scored_sql, params, expanding)
+    _stage_changes(conn, params)
+    _write_changes(conn, params)
 
     step(2)
     cutpoints = read_cutpoints(conn, model_slug=model_slug)
 
     step(3)
     label_slugs = [segment_slug(model_slug, label) for label in model.definition.labels()]
-    diff = apply_membership(
-        conn,
-        segment_slugs=label_slugs,
-        staged_sql=_staged_membership_sql(conn, model, params, pass_id=pass_id),
-        params=params,
-        source=f"rfm-pass:{pass_id}",
-        now=now,
-    )
+    if _same_version_as_last_pass(conn, model, pass_id=pass_id):
+        # Memberships mirror the stored labels (this pass and real-time rescoring change
+        # both together), so only relabelled customers can enter or exit a segment.
+        diff = apply_membership(
+            conn,
+            segment_slugs=label_slugs,
+            staged_sql=_relabelled_membership_sql(model, params, pass_id=pass_id),
+            scope_sql=_RELABELLED_SQL,
+            params=params,
+            source=f"rfm-pass:{pass_id}",
+            now=now,
+        )
+    else:
+        # A new version may bring back a label whose segment a previous one emptied
+        # while its customers kept the label: compare every customer.
+        diff = apply_membership(
+            conn,
+            segment_slugs=label_slugs,
+            staged_sql=_staged_membership_sql(conn, model, params, pass_id=pass_id),
+            params=params,
+            source=f"rfm-pass:{pass_id}",
+            now=now,
+        )
+    _drop_stages(conn)
 
     # Rule segments that name this model's segments follow in the same transaction.
     from store.segments import evaluate_dependents
@@ -372,15 +390,32 @@ def score_model(
     )
 
 
-def _write_scores(
+# The stored score columns a pass writes, with their SQL types (for typed NULLs).
+_SCORE_COLUMNS = {
+    "recency_days": "INTEGER",
+    "frequency": "INTEGER",
+    "monetary": "DOUBLE PRECISION",
+    "r": "INTEGER",
+    "f": "INTEGER",
+    "m": "INTEGER",
+    "label": "VARCHAR(100)",
+}
+_MODEL_ROWS = "rfm_scores.model_slug = CAST(:rfm_model AS VARCHAR(100))"
+
+# The customers this pass relabels: newcomers, leavers and new labels (`rfm_changes`).
+_RELABELLED_SQL = (
+    "SELECT c.customer_id FROM rfm_changes c"
+    " WHERE c.old_label IS NULL OR c.label IS NULL OR c.old_label <> c.label"
+)
+
+
+def _stage_scores(
     conn: Connection, scored_sql: str, params: dict[str, Any], expanding: tuple[str, ...]
 ) -> int:
-    """Make the model's `rfm_scores` rows equal the scoring statement's; returns how many.
+    """Run the scoring statement into the temporary table `rfm_stage`; returns its rows.
 
-    The scores are staged first (on PostgreSQL that is what lets the scoring statement run
-    in parallel: the SELECT of an INSERT ... SELECT never does); then only rows whose
-    values changed are written, so `pass_id` and `scored_at` name the pass that last
-    changed a row. Between hourly passes most rows do not change at all.
+    Staging is what lets the scoring statement run in parallel on PostgreSQL (the SELECT
+    of an INSERT ... SELECT never does).
     """
     pg = conn.dialect.name == "postgresql"
     money = f"monetary_units / {MONEY_UNITS}.0"
@@ -397,40 +432,90 @@ def _write_scores(
     if not pg:
         # SQLite joins by index lookups only: the stage needs one on its key.
         conn.execute(text("CREATE UNIQUE INDEX temp.rfm_stage_customer ON rfm_stage (customer_id)"))
-    model_rows = "rfm_scores.model_slug = CAST(:rfm_model AS VARCHAR(100))"
+    return int(conn.execute(text("SELECT COUNT(*) FROM rfm_stage")).scalar_one())
+
+
+def _stage_changes(conn: Connection, params: dict[str, Any]) -> None:
+    """Compare the staged scores with the stored ones into the temporary table
+    `rfm_changes`: one row per customer whose scores change, with the new values
+    (all NULL for a customer no longer scored) and `old_label` (NULL for a newcomer).
+
+    Every later step of the pass (score writes, membership diff) reads this one
+    comparison instead of joining the whole stage against the whole model again.
+    """
+    pg = conn.dialect.name == "postgresql"
+    if not pg:
+        conn.execute(text("DROP TABLE IF EXISTS temp.rfm_changes"))
+    values = ", ".join(f"t.{c}" for c in _SCORE_COLUMNS)
+    nulls = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in _SCORE_COLUMNS.items())
+    differs = " OR ".join(f"s.{c} <> t.{c}" for c in _SCORE_COLUMNS)
     conn.execute(
         text(
-            f"DELETE FROM rfm_scores WHERE {model_rows} AND NOT EXISTS"
-            " (SELECT 1 FROM rfm_stage t WHERE t.customer_id = rfm_scores.customer_id)"
+            f"CREATE TEMP TABLE rfm_changes{' ON COMMIT DROP' if pg else ''} AS"
+            f" SELECT t.customer_id, {values}, s.label AS old_label"
+            " FROM rfm_stage t LEFT JOIN rfm_scores s"
+            " ON s.model_slug = CAST(:rfm_model AS VARCHAR(100)) AND s.customer_id = t.customer_id"
+            f" WHERE s.customer_id IS NULL OR {differs}"
+            f" UNION ALL SELECT s.customer_id, {nulls}, s.label FROM rfm_scores s"
+            " WHERE s.model_slug = CAST(:rfm_model AS VARCHAR(100)) AND NOT EXISTS"
+            " (SELECT 1 FROM rfm_stage t WHERE t.customer_id = s.customer_id)"
         ),
         params,
     )
-    columns = ("recency_days", "frequency", "monetary", "r", "f", "m", "label")
+    if not pg:
+        conn.execute(
+            text("CREATE UNIQUE INDEX temp.rfm_changes_customer ON rfm_changes (customer_id)")
+        )
+
+
+def _write_changes(conn: Connection, params: dict[str, Any]) -> None:
+    """Make the model's `rfm_scores` rows equal the staged scores, writing only the rows
+    `rfm_changes` names, so `pass_id` and `scored_at` name the pass that last changed a
+    row (between hourly passes most rows do not change at all)."""
+    conn.execute(
+        text(
+            f"DELETE FROM rfm_scores WHERE {_MODEL_ROWS} AND rfm_scores.customer_id IN"
+            " (SELECT c.customer_id FROM rfm_changes c WHERE c.label IS NULL)"
+        ),
+        params,
+    )
     conn.execute(
         _bind(
             "UPDATE rfm_scores SET "
-            + ", ".join(f"{c} = t.{c}" for c in columns)
+            + ", ".join(f"{c} = t.{c}" for c in _SCORE_COLUMNS)
             + ", pass_id = CAST(:rfm_pass_id AS BIGINT), scored_at = :rfm_now"
-            f" FROM rfm_stage t WHERE {model_rows} AND rfm_scores.customer_id = t.customer_id"
-            " AND (" + " OR ".join(f"rfm_scores.{c} <> t.{c}" for c in columns) + ")"
+            f" FROM rfm_changes t WHERE {_MODEL_ROWS} AND rfm_scores.customer_id = t.customer_id"
+            " AND t.label IS NOT NULL AND t.old_label IS NOT NULL"
         ),
         params,
     )
     conn.execute(
         _bind(
             "INSERT INTO rfm_scores (model_slug, customer_id, "
-            + ", ".join(columns)
+            + ", ".join(_SCORE_COLUMNS)
             + ", pass_id, scored_at) SELECT CAST(:rfm_model AS VARCHAR(100)), t.customer_id, "
-            + ", ".join(f"t.{c}" for c in columns)
-            + ", CAST(:rfm_pass_id AS BIGINT), :rfm_now FROM rfm_stage t WHERE NOT EXISTS"
-            " (SELECT 1 FROM rfm_scores s WHERE s.model_slug = CAST(:rfm_model AS VARCHAR(100))"
-            " AND s.customer_id = t.customer_id)"
+            + ", ".join(f"t.{c}" for c in _SCORE_COLUMNS)
+            + ", CAST(:rfm_pass_id AS BIGINT), :rfm_now FROM rfm_changes t"
+            " WHERE t.old_label IS NULL"
         ),
         params,
     )
-    scored = conn.execute(text("SELECT COUNT(*) FROM rfm_stage")).scalar_one()
+
+
+def _drop_stages(conn: Connection) -> None:
+    conn.execute(text("DROP TABLE rfm_changes"))
     conn.execute(text("DROP TABLE rfm_stage"))
-    return int(scored)
+
+
+def _same_version_as_last_pass(conn: Connection, model: StoredModel, *, pass_id: int) -> bool:
+    """Whether the model's previous pass scored with the version this one does."""
+    previous = conn.execute(
+        select(passes.c.model_version)
+        .where(passes.c.model_slug == model.slug, passes.c.id < pass_id)
+        .order_by(passes.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return previous == model.version
 
 
 def tune_for_pass(conn: Connection) -> None:
@@ -463,6 +548,16 @@ def _staged_membership_sql(
         f" {_context_sql(model, params, pass_id=pass_id)} AS context"
         " FROM rfm_scores s WHERE s.model_slug = CAST(:rfm_model AS VARCHAR(100))"
         f"{customer_filter}"
+    )
+
+
+def _relabelled_membership_sql(model: StoredModel, params: dict[str, Any], *, pass_id: int) -> str:
+    """The label memberships of the customers this pass relabels (rows of `rfm_changes`)."""
+    return (
+        f"SELECT {_segment_case(model, params)} AS segment_slug, s.customer_id,"
+        f" {_context_sql(model, params, pass_id=pass_id)} AS context"
+        " FROM rfm_changes s WHERE s.label IS NOT NULL"
+        " AND (s.old_label IS NULL OR s.old_label <> s.label)"
     )
 
 

@@ -56,6 +56,7 @@ def apply_membership(
     source: str,
     now: datetime,
     customer_ids: Sequence[str] | None = None,
+    scope_sql: str | None = None,
     expanding: Sequence[str] = (),
 ) -> MembershipDiff:
     """Make the memberships of `segment_slugs` equal the rows `staged_sql` selects.
@@ -63,11 +64,15 @@ def apply_membership(
     `staged_sql` is a SELECT of `(segment_slug, customer_id)` or
     `(segment_slug, customer_id, context)` where context is JSON text carried onto the
     entry transition; `expanding` names its list parameters (`IN :ids`). With
-    `customer_ids`, only those customers' memberships are in scope (real-time
-    re-evaluation of one customer). Runs in the caller's transaction.
+    `customer_ids` (a list: real-time re-evaluation of one customer) or `scope_sql` (a
+    SELECT of customer ids, its parameters taken from `params`: an RFM pass's
+    relabelled customers), only those customers' memberships are in scope; the others
+    are left as they are. Runs in the caller's transaction.
     """
     if not segment_slugs:
         return MembershipDiff(0, 0)
+    if customer_ids is not None and scope_sql is not None:
+        raise ValueError("give customer_ids or scope_sql, not both")
     _create_stage(conn)
     expand = [bindparam(name, expanding=True) for name in expanding if f":{name}" in staged_sql]
     probe = text(f"SELECT * FROM ({staged_sql}) q LIMIT 0").bindparams(*expand)
@@ -88,10 +93,13 @@ def apply_membership(
         "source": source,
         "now": now,
     }
-    customer_scope = ""
+    in_scope = ""  # appended to a customer_id column: limits a statement to the scope
     if customer_ids is not None:
-        customer_scope = " AND m.customer_id IN :customer_ids"
+        in_scope = " IN :customer_ids"
         scope_params["customer_ids"] = list(customer_ids)
+    elif scope_sql is not None:
+        in_scope = f" IN ({scope_sql})"
+        scope_params.update({k: v for k, v in params.items() if f":{k}" in scope_sql})
 
     def run(sql: str) -> int:
         typed = [bindparam("slugs", expanding=True), bindparam("now", type_=UTCDateTime())]
@@ -107,7 +115,9 @@ def apply_membership(
         " (segment_slug, customer_id, kind, source, context, occurred_at)"
         " SELECT m.segment_slug, m.customer_id, 'exited', :source, '{}', :now"
         " FROM segment_memberships m"
-        " WHERE m.segment_slug IN :slugs" + customer_scope + " AND NOT EXISTS ("
+        " WHERE m.segment_slug IN :slugs"
+        + (f" AND m.customer_id{in_scope}" if in_scope else "")
+        + " AND NOT EXISTS ("
         "  SELECT 1 FROM staged_membership s"
         "  WHERE s.segment_slug = m.segment_slug AND s.customer_id = m.customer_id)"
         " ORDER BY m.segment_slug, m.customer_id"
@@ -126,7 +136,7 @@ def apply_membership(
         run(
             "DELETE FROM segment_memberships"
             " WHERE segment_slug IN :slugs"
-            + customer_scope.replace("m.customer_id", "customer_id")
+            + (f" AND customer_id{in_scope}" if in_scope else "")
             + " AND NOT EXISTS (SELECT 1 FROM staged_membership s"
             "  WHERE s.segment_slug = segment_memberships.segment_slug"
             "  AND s.customer_id = segment_memberships.customer_id)"

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from store.rfm_models import create_model
+from store.rfm_models import create_model, update_model
 from store.scoring import rescore_customers, score_model
 from tests.utils.rfm import (
     EventRow,
@@ -403,3 +403,70 @@ def test_rule_segments_naming_a_label_follow_the_pass(store_engine):
         at_risk
         and {cid for slug, cid in members(store_engine) if slug == "at-risk-buyers"} == at_risk
     )
+
+
+def label_members(engine: Engine, slug: str = "default") -> set[tuple[str, str]]:
+    """The label memberships the model's stored scores call for."""
+    from core.rfm import segment_slug
+
+    return {(segment_slug(slug, row[6]), cid) for cid, row in scores(engine, slug).items()}
+
+
+def test_a_pass_moves_only_relabelled_customers_one_exit_and_one_entry_each(store_engine):
+    from core.rfm import segment_slug
+
+    customers, events = generated_history(customers=300, seed=5)
+    setup_model(store_engine, segment_map="rfm11")
+    load(store_engine, events, customers)
+    run_pass(store_engine)
+    before = {cid: row[6] for cid, row in scores(store_engine).items()}
+    # Three days on: some customers leave the window, a newcomer and a few buyers move.
+    later = T + 3 * DAY
+    load(
+        store_engine,
+        [purchase("newcomer", later - DAY, 40)]
+        + [purchase(cid, later - DAY, 300) for cid in sorted(before)[:20:4]],
+        ["newcomer"],
+    )
+    second = run_pass(store_engine, as_of=later)
+    after = {cid: row[6] for cid, row in scores(store_engine).items()}
+    relabelled = {cid for cid in before.keys() | after.keys() if before.get(cid) != after.get(cid)}
+    # The data must exercise every case: kept labels, new labels, newcomers, leavers.
+    assert before.keys() & after.keys() - relabelled
+    assert "newcomer" in relabelled and before.keys() - after.keys()
+    assert any(cid in before and cid in after for cid in relabelled)
+    expected = sorted(
+        [(segment_slug("default", before[c]), c, "exited") for c in relabelled if c in before]
+        + [(segment_slug("default", after[c]), c, "entered") for c in relabelled if c in after]
+    )
+    written = [
+        (t["segment_slug"], t["customer_id"], t["kind"])
+        for t in transitions(store_engine)
+        if t["source"] == f"rfm-pass:{second.pass_id}"
+    ]
+    assert sorted(written) == expected
+    assert (second.exits, second.entries) == (
+        sum(1 for c in relabelled if c in before),
+        sum(1 for c in relabelled if c in after),
+    )
+    assert members(store_engine) == label_members(store_engine)
+
+
+def test_a_version_restoring_a_label_gives_it_back_its_members(store_engine):
+    # Version 2 drops "Old" (its members exit, their scores keep the label); version 3
+    # brings it back: the next pass must refill it though no stored label changes.
+    two_labels = {"rules": [{"label": "Recent", "r": [3, 5]}, {"label": "Old"}]}
+    other = {"rules": [{"label": "Recent", "r": [3, 5]}, {"label": "Other"}]}
+    setup_model(store_engine, segment_map=two_labels)
+    load(store_engine, [purchase(f"c{i}", T - (i * 10 + 1) * DAY, 10) for i in range(6)])
+    run_pass(store_engine)
+    assert {cid for slug, cid in members(store_engine) if slug == "default:old"}
+    for segment_map in (other, two_labels):
+        with store_engine.begin() as conn:
+            update_model(
+                conn, slug="default", definition=make_model(segment_map=segment_map), now=T
+            )
+    assert not any(slug == "default:old" for slug, _ in members(store_engine))
+    again = run_pass(store_engine)
+    assert again.entries == 3 and again.exits == 0
+    assert members(store_engine) == label_members(store_engine)
