@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
 
 from api.deps import KeyCache, TemporalConnector
 from api.errors import install_error_handlers
@@ -17,7 +16,7 @@ from core.db import make_engine
 from core.migrate import migrate
 from core.settings import Settings, get_settings
 from store.event_writers import EventWriter
-from store.keys import ensure_key
+from store.keys import ensure_bootstrap_key
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -29,11 +28,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         migrate(engine)
         if settings.bootstrap_admin_key:
-            with Session(engine) as session:
-                ensure_key(
-                    session, secret=settings.bootstrap_admin_key, role="admin", name="bootstrap"
-                )
-                session.commit()
+            ensure_bootstrap_key(engine, secret=settings.bootstrap_admin_key)
         app.state.event_writer = EventWriter(engine)
         await app.state.event_writer.open()
         # Everything loaded so far lives as long as the process: out of the collector's

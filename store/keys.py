@@ -8,6 +8,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from core.errors import NotFound
@@ -54,6 +56,20 @@ def ensure_key(session: Session, *, secret: str, role: str, name: str) -> ApiKey
         row.role = role
         session.add(row)
     return row
+
+
+def ensure_bootstrap_key(engine: Engine, *, secret: str) -> None:
+    """The admin key of JOURNEYS_BOOTSTRAP_ADMIN_KEY, live, whatever the API processes
+    starting at the same moment do (`journeys api --workers N` starts N at once)."""
+    for attempt in range(2):
+        try:
+            with Session(engine) as session:
+                ensure_key(session, secret=secret, role="admin", name="bootstrap")
+                session.commit()
+            return
+        except IntegrityError:
+            if attempt:  # the other process's row is there now: a second failure is real
+                raise
 
 
 def verify_key(session: Session, *, secret: str) -> VerifiedKey | None:
