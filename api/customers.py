@@ -139,9 +139,7 @@ async def post_customers_bulk(request: Request, engine: EngineDep, _: IngestKey)
 
     def store() -> int:
         with engine.begin() as conn:
-            return upsert_customers(
-                conn, lines=batch.records, fields_set=batch.fields_set, now=utcnow()
-            )
+            return upsert_customers(conn, lines=batch.records, now=utcnow())
 
     accepted = await run_in_threadpool(store) if batch.records else 0
     result = BulkResult(accepted=accepted, rejected=batch.rejected)

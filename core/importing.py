@@ -84,9 +84,7 @@ def import_records(
                     )
                     summary.duplicates += len(batch.records) - stored
                 else:
-                    stored = upsert_customers(
-                        conn, lines=batch.records, fields_set=batch.fields_set, now=utcnow()
-                    )
+                    stored = upsert_customers(conn, lines=batch.records, now=utcnow())
             summary.accepted += stored
         on_progress(done)
     return summary

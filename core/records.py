@@ -19,10 +19,9 @@ Model = TypeVar("Model", bound=BaseModel)
 
 @dataclass
 class ParsedBatch(Generic[Model]):
-    """The valid records of a batch (with the fields each line set) and every rejection."""
+    """The valid records of a batch and every rejection."""
 
     records: list[Model] = field(default_factory=list)
-    fields_set: list[set[str]] = field(default_factory=list)
     rejected: list[LineRejection] = field(default_factory=list)
 
 
@@ -103,7 +102,6 @@ def parse_batch(records: Iterable[tuple[int, Any]], model: type[Model]) -> Parse
             batch.rejected.append(rejection_from(number, exc))
             continue
         batch.records.append(record)
-        batch.fields_set.append(set(record.model_fields_set))
     return batch
 
 
@@ -132,9 +130,7 @@ def parse_body(body: bytes, model: type[Model]) -> ParsedBatch[Model]:
     # A malformed line can still join into valid JSON (`{..}, {..}` on one line): only
     # trust the fast path when it found exactly one record per line.
     if records is not None and (expected is None or len(records) == expected):
-        return ParsedBatch(
-            records=records, fields_set=[set(r.model_fields_set) for r in records], rejected=[]
-        )
+        return ParsedBatch(records=records, rejected=[])
     return parse_batch(json_records(body), model)
 
 

@@ -96,7 +96,6 @@ def upsert_customers(
     conn: Connection,
     *,
     lines: Sequence[CustomerBulkLine],
-    fields_set: Sequence[set[str]],
     now: datetime,
 ) -> int:
     """Bulk upsert: attributes merged, email/phone replaced only where a line gives them.
@@ -110,7 +109,8 @@ def upsert_customers(
         for row in conn.execute(select(customers).where(customers.c.id.in_(chunk))).mappings()
     }
     merged: dict[str, dict[str, Any]] = {}
-    for line, given in zip(lines, fields_set, strict=True):
+    for line in lines:
+        given = line.model_fields_set
         old = merged.get(line.customer_id) or existing.get(line.customer_id) or {}
         merged[line.customer_id] = {
             "id": line.customer_id,

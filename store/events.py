@@ -10,30 +10,32 @@ import orjson
 from sqlalchemy import select, text
 from sqlalchemy.engine import Connection
 
+from core.db import take_sqlite_write_lock
 from core.events import EventIn
 from core.tables import Event
-
-_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
 def sqlite_time(value: datetime) -> str:
     """The text SQLite holds for an instant (what SQLAlchemy's DateTime writes there)."""
-    return value.astimezone(UTC).strftime(_SQLITE_TIME)
+    if value.utcoffset():
+        value = value.astimezone(UTC)
+    # isoformat is C code; strftime measured at 2.8 us a row of a bulk import.
+    return value.isoformat(sep=" ", timespec="microseconds")[:26]
 
 
-SQLITE_INSERT_CUSTOMER = (
+_SQLITE_INSERT_CUSTOMER = (
     "INSERT INTO customers (id, attributes, created_at, updated_at, realtime_pending)"
     " VALUES (?, '{}', ?, ?, 0) ON CONFLICT (id) DO NOTHING"
 )
-SQLITE_INSERT_EVENT = (
+_SQLITE_INSERT_EVENT = (
     "INSERT INTO events (event_id, customer_id, name, occurred_at, properties,"
     " received_at, realtime_pending) VALUES (?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (event_id) DO NOTHING"
 )
 
 
-def sqlite_event_row(event: EventIn, *, stamp: str, realtime: bool) -> tuple[Any, ...]:
-    """The parameters of SQLITE_INSERT_EVENT for `event` received at `stamp`."""
+def _sqlite_event_row(event: EventIn, *, stamp: str, realtime: bool) -> tuple[Any, ...]:
+    """The parameters of _SQLITE_INSERT_EVENT for `event` received at `stamp`."""
     return (
         event.event_id,
         event.customer_id,
@@ -93,12 +95,16 @@ def _insert_group_sqlite(
     conn: Connection, *, events: Sequence[EventIn], now: datetime
 ) -> list[bool]:
     stamp = sqlite_time(now)
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    raw = conn.connection.dbapi_connection
+    take_sqlite_write_lock(raw)  # type: ignore[arg-type]
+    cursor = raw.cursor()  # type: ignore[union-attr]
     try:
         outcomes = []
         for event in events:
-            cursor.execute(SQLITE_INSERT_CUSTOMER, (event.customer_id, stamp, stamp))
-            cursor.execute(SQLITE_INSERT_EVENT, sqlite_event_row(event, stamp=stamp, realtime=True))
+            cursor.execute(_SQLITE_INSERT_CUSTOMER, (event.customer_id, stamp, stamp))
+            cursor.execute(
+                _SQLITE_INSERT_EVENT, _sqlite_event_row(event, stamp=stamp, realtime=True)
+            )
             outcomes.append(cursor.rowcount == 1)
         return outcomes
     finally:
@@ -116,21 +122,42 @@ def insert_events(
     return _insert_events_sqlite(conn, events=events, now=now, realtime=realtime)
 
 
+# The batch goes to SQLite as one JSON text that SQLite itself takes apart: the whole
+# write then runs without Python's GIL, so the API process keeps validating the next
+# batch while this one is written (row-by-row executemany needs the GIL for every row).
+_SQLITE_INSERT_CUSTOMERS_JSON = (
+    "INSERT INTO customers (id, attributes, created_at, updated_at, realtime_pending)"
+    " SELECT DISTINCT json_extract(value, '$[1]'), '{}', :stamp, :stamp, 0"
+    " FROM json_each(:batch)"
+    " WHERE true ON CONFLICT (id) DO NOTHING"
+)
+_SQLITE_INSERT_EVENTS_JSON = (
+    "INSERT INTO events (event_id, customer_id, name, occurred_at, properties,"
+    " received_at, realtime_pending)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'),"
+    " :stamp, :realtime"
+    " FROM json_each(:batch) WHERE true ON CONFLICT (event_id) DO NOTHING"
+)
+
+
 def _insert_events_sqlite(
     conn: Connection, *, events: Sequence[EventIn], now: datetime, realtime: bool
 ) -> int:
-    stamp = sqlite_time(now)
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    batch = orjson.dumps(
+        [
+            (e.event_id, e.customer_id, e.name, sqlite_time(e.occurred_at), e.properties)
+            for e in events
+        ]
+    )
+    params = {"batch": batch.decode(), "stamp": sqlite_time(now), "realtime": 1 if realtime else 0}
+    raw = conn.connection.dbapi_connection
+    take_sqlite_write_lock(raw)  # type: ignore[arg-type]
+    cursor = raw.cursor()  # type: ignore[union-attr]
     try:
-        cursor.executemany(
-            SQLITE_INSERT_CUSTOMER, [(cid, stamp, stamp) for cid in {e.customer_id for e in events}]
-        )
-        before = conn.connection.dbapi_connection.total_changes  # type: ignore[union-attr]
-        cursor.executemany(
-            SQLITE_INSERT_EVENT,
-            [sqlite_event_row(e, stamp=stamp, realtime=realtime) for e in events],
-        )
-        return conn.connection.dbapi_connection.total_changes - before  # type: ignore[union-attr]
+        cursor.execute(_SQLITE_INSERT_CUSTOMERS_JSON, params)
+        cursor.execute(_SQLITE_INSERT_EVENTS_JSON, params)
+        return cursor.rowcount
     finally:
         cursor.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -110,6 +111,43 @@ def test_bulk_json_array_all_valid_answers_200(api):
     assert response.json() == {"accepted": 3, "duplicates": 0, "rejected": []}
     repeat = api.post("/v1/events/bulk", role="ingest", json=items)
     assert repeat.json() == {"accepted": 0, "duplicates": 3, "rejected": []}
+
+
+def as_utc(value: object) -> datetime:
+    """A stored time as the store's raw row gives it (text on SQLite) in UTC."""
+    moment = datetime.fromisoformat(str(value))
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def test_bulk_stores_each_field_as_sent_with_times_in_utc(api):
+    properties = {"title": "Crème brûlée ☕", "items": [{"sku": 'a"b', "qty": 2}], "big": 2**62}
+    items = [
+        {**EVENT, "event_id": "t-1", "occurred_at": "2026-11-20T12:30:00.250000+02:00"},
+        {**EVENT, "event_id": "t-2", "customer_id": "c-new", "properties": properties},
+    ]
+    assert api.post("/v1/events/bulk", role="ingest", json=items).status_code == 200
+    with api.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT event_id, customer_id, name, occurred_at, properties FROM events"
+                " ORDER BY event_id"
+            )
+        ).all()
+    stored = [
+        (r[0], r[1], r[2], as_utc(r[3]), orjson.loads(r[4]) if isinstance(r[4], str) else r[4])
+        for r in rows
+    ]
+    assert stored == [
+        (
+            "t-1",
+            "c-1",
+            "Purchase",
+            datetime(2026, 11, 20, 10, 30, 0, 250000, UTC),
+            EVENT["properties"],
+        ),
+        ("t-2", "c-new", "Purchase", datetime(2026, 11, 20, 10, 0, tzinfo=UTC), properties),
+    ]
+    assert count(api.engine, "SELECT count(*) FROM customers WHERE id IN ('c-1', 'c-new')") == 2
 
 
 def test_bulk_history_import_is_not_processed_in_real_time(api):
