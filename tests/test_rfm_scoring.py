@@ -470,3 +470,27 @@ def test_a_version_restoring_a_label_gives_it_back_its_members(store_engine):
     again = run_pass(store_engine)
     assert again.entries == 3 and again.exits == 0
     assert members(store_engine) == label_members(store_engine)
+
+
+def test_a_first_pass_leaves_postgres_statistics_that_count_its_rows(postgres_engine):
+    # Until autovacuum gets to them, the planner would take the freshly filled tables
+    # for empty and plan every real-time rescoring and the next pass accordingly.
+    setup_model(postgres_engine)
+    load(postgres_engine, [purchase(f"c{i}", T - (i + 1) * DAY, 10) for i in range(40)])
+    first = run_pass(postgres_engine)
+
+    def estimates() -> dict[str, float]:
+        with postgres_engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT relname, reltuples FROM pg_class WHERE oid IN"
+                    " (CAST('rfm_scores' AS regclass), CAST('segment_memberships' AS regclass))"
+                )
+            ).all()
+        return dict(rows)
+
+    assert estimates() == {"rfm_scores": first.scored, "segment_memberships": first.entries}
+    # A pass that inserts no more rows than the statistics count leaves them alone.
+    load(postgres_engine, [purchase("late", T - DAY, 10)])
+    run_pass(postgres_engine)
+    assert estimates() == {"rfm_scores": 40, "segment_memberships": 40}
