@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from psycopg.errors import DeadlockDetected, UniqueViolation
+from psycopg.types.json import set_json_dumps
 from sqlalchemy import select, text
 from sqlalchemy.engine import Connection
 
@@ -162,48 +164,79 @@ def _insert_events_sqlite(
         cursor.close()
 
 
+_EVENT_COLUMNS = (
+    "event_id, customer_id, name, occurred_at, properties, received_at, realtime_pending"
+)
+_EVENT_TYPES = ["varchar", "varchar", "varchar", "timestamptz", "jsonb", "timestamptz", "bool"]
+
+
 def _copy_events_postgres(
     conn: Connection, *, events: Sequence[EventIn], now: datetime, realtime: bool
 ) -> int:
-    conn.execute(
-        text(
-            "CREATE TEMP TABLE IF NOT EXISTS staged_events (event_id text, customer_id text,"
-            " name text, occurred_at timestamptz, properties text) ON COMMIT DELETE ROWS"
-        )
-    )
     raw = conn.connection.dbapi_connection
+    rows = [
+        (
+            e.event_id,
+            e.customer_id,
+            e.name,
+            e.occurred_at,
+            e.properties,
+            now,
+            realtime,
+        )
+        for e in events
+    ]
     with raw.cursor() as cursor:  # type: ignore[union-attr]
-        cursor.execute("TRUNCATE staged_events")
-        with cursor.copy(
-            "COPY staged_events (event_id, customer_id, name, occurred_at, properties) FROM STDIN"
-        ) as copy:
-            for e in events:
-                copy.write_row(
-                    (
-                        e.event_id,
-                        e.customer_id,
-                        e.name,
-                        e.occurred_at,
-                        orjson.dumps(e.properties).decode(),
-                    )
-                )
+        set_json_dumps(orjson.dumps, context=cursor)
+        # The common batch repeats nothing: straight into events, as fast as COPY goes.
+        # A repeat (or a race with a concurrent batch) undoes that attempt alone, and
+        # the batch goes the careful way.
+        cursor.execute("SAVEPOINT copy_events")
+        try:
+            _copy_rows(cursor, "events", rows)
+        except (UniqueViolation, DeadlockDetected):
+            cursor.execute("ROLLBACK TO SAVEPOINT copy_events")
+            stored = _insert_staged_postgres(cursor, rows)
+        else:
+            cursor.execute("RELEASE SAVEPOINT copy_events")
+            stored = len(rows)
+        # Customers last: a batch creating a customer holds it until commit, and a
+        # concurrent batch naming that customer waits that long, so the shorter the better.
         cursor.execute(
             "INSERT INTO customers (id, attributes, created_at, updated_at)"
-            " SELECT DISTINCT customer_id, '{}'::jsonb, %(now)s, %(now)s FROM staged_events"
-            # One lock order for every batch: concurrent batches sharing customers
-            # otherwise deadlock on the customers index.
-            " ORDER BY customer_id ON CONFLICT (id) DO NOTHING",
-            {"now": now},
+            " SELECT unnest(%(ids)s::text[]), '{}'::jsonb, %(now)s, %(now)s"
+            " ON CONFLICT (id) DO NOTHING",
+            # Sorted: one lock order for every batch, or concurrent batches sharing
+            # customers deadlock on the customers index.
+            {"ids": sorted({e.customer_id for e in events}), "now": now},
         )
-        cursor.execute(
-            "INSERT INTO events (event_id, customer_id, name, occurred_at, properties,"
-            " received_at, realtime_pending)"
-            " SELECT event_id, customer_id, name, occurred_at, properties::jsonb,"
-            " %(now)s, %(realtime)s FROM staged_events"
-            " ORDER BY event_id ON CONFLICT (event_id) DO NOTHING",
-            {"now": now, "realtime": realtime},
-        )
-        return cursor.rowcount
+        return stored
+
+
+def _copy_rows(cursor: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
+    # Binary: no text to escape on this side, no times and JSON to parse as text on the
+    # server's (measured: less CPU on both sides than the text format).
+    with cursor.copy(f"COPY {table} ({_EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(_EVENT_TYPES)
+        for row in rows:
+            copy.write_row(row)
+
+
+def _insert_staged_postgres(cursor: Any, rows: list[tuple[Any, ...]]) -> int:
+    """Repeats skipped: staged in a temporary table, then inserted in event_id order."""
+    cursor.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS staged_events (event_id text, customer_id text,"
+        " name text, occurred_at timestamptz, properties jsonb, received_at timestamptz,"
+        " realtime_pending boolean) ON COMMIT DELETE ROWS"
+    )
+    cursor.execute("TRUNCATE staged_events")
+    _copy_rows(cursor, "staged_events", rows)
+    cursor.execute(
+        f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM staged_events"
+        # One lock order: concurrent batches sharing event ids would otherwise deadlock.
+        " ORDER BY event_id ON CONFLICT (event_id) DO NOTHING"
+    )
+    return cursor.rowcount
 
 
 def get_event(conn: Connection, *, event_id: str) -> dict[str, Any] | None:
