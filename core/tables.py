@@ -187,7 +187,11 @@ class RfmPass(SQLModel, table=True):
 
 class RfmScore(SQLModel, table=True):
     __tablename__ = "rfm_scores"
-    __table_args__ = (Index("ix_rfm_scores_model_label", "model_slug", "label"),)
+    __table_args__ = (
+        Index("ix_rfm_scores_model_label", "model_slug", "label"),
+        # Room for HOT updates: a pass rewrites most rows daily (migration 0002).
+        {"postgresql_with": {"fillfactor": 50}},
+    )
 
     model_slug: str = Field(sa_column=Column(String(100), primary_key=True))
     customer_id: str = Field(sa_column=Column(String(255), primary_key=True))

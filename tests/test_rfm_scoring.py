@@ -494,3 +494,13 @@ def test_a_first_pass_leaves_postgres_statistics_that_count_its_rows(postgres_en
     load(postgres_engine, [purchase("late", T - DAY, 10)])
     run_pass(postgres_engine)
     assert estimates() == {"rfm_scores": 40, "segment_memberships": 40}
+
+
+def test_score_pages_keep_room_for_the_next_pass_on_postgres(postgres_engine):
+    # A day later a pass rewrites nearly every row: with room on the page the new
+    # version is a heap-only update that touches no index (migration 0002).
+    with postgres_engine.connect() as conn:
+        options = conn.execute(
+            text("SELECT reloptions FROM pg_class WHERE oid = CAST('rfm_scores' AS regclass)")
+        ).scalar_one()
+    assert options == ["fillfactor=50"]
