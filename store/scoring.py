@@ -472,10 +472,6 @@ def _stage_changes(conn: Connection, params: dict[str, Any]) -> None:
         text(f"CREATE TEMP TABLE rfm_changes{' ON COMMIT DROP' if pg else ''} AS {changes}"),
         params,
     )
-    if not pg:
-        conn.execute(
-            text("CREATE UNIQUE INDEX temp.rfm_changes_customer ON rfm_changes (customer_id)")
-        )
 
 
 def _write_changes(conn: Connection, params: dict[str, Any]) -> int:
