@@ -11,9 +11,11 @@ model's targeting and have at least one recency or frequency event in the window
     label         first rule of the segment map matching (R, F, M)
 
 Everything is computed by the database: one statement measures, ranks (window functions)
-and labels every customer into `rfm_scores`; memberships and transitions follow from
-those rows through `store.transitions.apply_membership`, all in the caller's
-transaction, so a crash leaves the previous pass whole and a rerun changes nothing.
+and labels every customer into a staged table; one comparison with the stored scores
+finds the customers whose scores change, and only their rows are written, only the
+relabelled ones go through `store.transitions.apply_membership` (memberships and
+transitions). All of it runs in the caller's transaction, so a crash leaves the previous
+pass whole and a rerun changes nothing.
 
 Both databases get the same numbers: times are compared as stored, whole days come from
 integer microseconds, and money is summed as integer millionths so that ties (equal
@@ -37,7 +39,7 @@ from core.errors import NotFound
 from core.rfm import SegmentRule, label_for, segment_slug
 from core.tables import RfmModel, RfmPass, UTCDateTime
 from store.rfm_models import StoredModel, get_model, stored_model
-from store.transitions import apply_membership
+from store.transitions import MembershipDiff, apply_membership
 
 passes = RfmPass.__table__
 model_rows = RfmModel.__table__
@@ -335,29 +337,9 @@ def score_model(
 
     step(3)
     label_slugs = [segment_slug(model_slug, label) for label in model.definition.labels()]
-    if _same_version_as_last_pass(conn, model, pass_id=pass_id):
-        # Memberships mirror the stored labels (this pass and real-time rescoring change
-        # both together), so only relabelled customers can enter or exit a segment.
-        diff = apply_membership(
-            conn,
-            segment_slugs=label_slugs,
-            staged_sql=_relabelled_membership_sql(model, params, pass_id=pass_id),
-            scope_sql=_RELABELLED_SQL,
-            params=params,
-            source=f"rfm-pass:{pass_id}",
-            now=now,
-        )
-    else:
-        # A new version may bring back a label whose segment a previous one emptied
-        # while its customers kept the label: compare every customer.
-        diff = apply_membership(
-            conn,
-            segment_slugs=label_slugs,
-            staged_sql=_staged_membership_sql(conn, model, params, pass_id=pass_id),
-            params=params,
-            source=f"rfm-pass:{pass_id}",
-            now=now,
-        )
+    diff = _apply_label_memberships(
+        conn, model, params, segment_slugs=label_slugs, pass_id=pass_id, now=now
+    )
     _drop_stages(conn)
     _analyze_if_stale(conn, table="rfm_scores", inserted=newcomers)
     _analyze_if_stale(conn, table="segment_memberships", inserted=diff.entries)
@@ -533,6 +515,37 @@ def _analyze_if_stale(conn: Connection, *, table: str, inserted: int) -> None:
 def _drop_stages(conn: Connection) -> None:
     conn.execute(text("DROP TABLE rfm_changes"))
     conn.execute(text("DROP TABLE rfm_stage"))
+
+
+def _apply_label_memberships(
+    conn: Connection,
+    model: StoredModel,
+    params: dict[str, Any],
+    *,
+    segment_slugs: list[str],
+    pass_id: int,
+    now: datetime,
+) -> MembershipDiff:
+    """Make the label segments' memberships follow the scores this pass wrote."""
+    if _same_version_as_last_pass(conn, model, pass_id=pass_id):
+        # Memberships mirror the stored labels (this pass and real-time rescoring change
+        # both together), so only relabelled customers can enter or exit a segment.
+        staged_sql = _relabelled_membership_sql(model, params, pass_id=pass_id)
+        scope_sql: str | None = _RELABELLED_SQL
+    else:
+        # A new version may bring back a label whose segment a previous one emptied
+        # while its customers kept the label: compare every customer.
+        staged_sql = _staged_membership_sql(conn, model, params, pass_id=pass_id)
+        scope_sql = None
+    return apply_membership(
+        conn,
+        segment_slugs=segment_slugs,
+        staged_sql=staged_sql,
+        scope_sql=scope_sql,
+        params=params,
+        source=f"rfm-pass:{pass_id}",
+        now=now,
+    )
 
 
 def _same_version_as_last_pass(conn: Connection, model: StoredModel, *, pass_id: int) -> bool:
