@@ -8,7 +8,7 @@ the old state whole and a rerun with nothing changed writes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -109,23 +109,61 @@ def apply_membership(
         statement = text(sql).bindparams(*[p for p in typed if p.key in used])
         return conn.execute(statement, used).rowcount or 0
 
-    context_cast = "CAST(s.context AS jsonb)" if conn.dialect.name == "postgresql" else "s.context"
+    scoped = f" AND m.customer_id{in_scope}" if in_scope else ""
+    if conn.dialect.name == "postgresql":
+        exits, entries = _write_diff_postgres(run, scoped=scoped)
+    else:
+        exits, entries = _write_diff(run, scoped=scoped)
+    conn.execute(text("DELETE FROM staged_membership"))
+    return MembershipDiff(entries=entries, exits=exits)
+
+
+# Memberships of the diff's segments (and scope) that the staged set no longer has.
+_GONE = (
+    " segment_memberships m WHERE m.segment_slug IN :slugs{scoped} AND NOT EXISTS ("
+    " SELECT 1 FROM staged_membership s"
+    " WHERE s.segment_slug = m.segment_slug AND s.customer_id = m.customer_id)"
+)
+_TRANSITION_COLUMNS = "(segment_slug, customer_id, kind, source, context, occurred_at)"
+
+
+def _write_diff_postgres(run: Callable[[str], int], *, scoped: str) -> tuple[int, int]:
+    """Exits, then entries: each one statement whose DELETE or INSERT ... ON CONFLICT
+    returns exactly the rows that changed, so nothing is anti-joined twice and entries
+    are found by primary-key probes rather than by sorting every membership."""
     exits = run(
-        "INSERT INTO segment_transitions"
-        " (segment_slug, customer_id, kind, source, context, occurred_at)"
-        " SELECT m.segment_slug, m.customer_id, 'exited', :source, '{}', :now"
-        " FROM segment_memberships m"
-        " WHERE m.segment_slug IN :slugs"
-        + (f" AND m.customer_id{in_scope}" if in_scope else "")
-        + " AND NOT EXISTS ("
-        "  SELECT 1 FROM staged_membership s"
-        "  WHERE s.segment_slug = m.segment_slug AND s.customer_id = m.customer_id)"
-        " ORDER BY m.segment_slug, m.customer_id"
+        f"WITH gone AS (DELETE FROM{_GONE.format(scoped=scoped)}"
+        " RETURNING m.segment_slug, m.customer_id)"
+        f" INSERT INTO segment_transitions {_TRANSITION_COLUMNS}"
+        " SELECT g.segment_slug, g.customer_id, 'exited', :source, '{}', :now FROM gone g"
+        " ORDER BY g.segment_slug, g.customer_id"
     )
     entries = run(
-        "INSERT INTO segment_transitions"
-        " (segment_slug, customer_id, kind, source, context, occurred_at)"
-        f" SELECT s.segment_slug, s.customer_id, 'entered', :source, {context_cast}, :now"
+        "WITH added AS (INSERT INTO segment_memberships (segment_slug, customer_id, since)"
+        " SELECT s.segment_slug, s.customer_id, :now FROM staged_membership s WHERE true"
+        " ON CONFLICT (segment_slug, customer_id) DO NOTHING"
+        " RETURNING segment_slug, customer_id)"
+        f" INSERT INTO segment_transitions {_TRANSITION_COLUMNS}"
+        " SELECT a.segment_slug, a.customer_id, 'entered', :source, CAST(s.context AS jsonb),"
+        " :now FROM added a JOIN staged_membership s"
+        " ON s.segment_slug = a.segment_slug AND s.customer_id = a.customer_id"
+        " ORDER BY a.segment_slug, a.customer_id"
+    )
+    return exits, entries
+
+
+def _write_diff(run: Callable[[str], int], *, scoped: str) -> tuple[int, int]:
+    """Exits and entries as transitions first, then the memberships (SQLite: no data
+    modifying statement inside a WITH)."""
+    exits = run(
+        f"INSERT INTO segment_transitions {_TRANSITION_COLUMNS}"
+        " SELECT m.segment_slug, m.customer_id, 'exited', :source, '{}', :now FROM"
+        + _GONE.format(scoped=scoped)
+        + " ORDER BY m.segment_slug, m.customer_id"
+    )
+    entries = run(
+        f"INSERT INTO segment_transitions {_TRANSITION_COLUMNS}"
+        " SELECT s.segment_slug, s.customer_id, 'entered', :source, s.context, :now"
         " FROM staged_membership s"
         " WHERE NOT EXISTS ("
         "  SELECT 1 FROM segment_memberships m"
@@ -134,12 +172,9 @@ def apply_membership(
     )
     if exits:
         run(
-            "DELETE FROM segment_memberships"
-            " WHERE segment_slug IN :slugs"
-            + (f" AND customer_id{in_scope}" if in_scope else "")
-            + " AND NOT EXISTS (SELECT 1 FROM staged_membership s"
-            "  WHERE s.segment_slug = segment_memberships.segment_slug"
-            "  AND s.customer_id = segment_memberships.customer_id)"
+            "DELETE FROM segment_memberships WHERE rowid IN (SELECT m.rowid FROM"
+            + _GONE.format(scoped=scoped)
+            + ")"
         )
     if entries:
         run(
@@ -147,8 +182,7 @@ def apply_membership(
             " SELECT s.segment_slug, s.customer_id, :now FROM staged_membership s"
             " WHERE true ON CONFLICT (segment_slug, customer_id) DO NOTHING"
         )
-    conn.execute(text("DELETE FROM staged_membership"))
-    return MembershipDiff(entries=entries, exits=exits)
+    return exits, entries
 
 
 def record_transitions(
