@@ -36,8 +36,8 @@ _SQLITE_INSERT_EVENT = (
 )
 
 
-def _sqlite_event_row(event: EventIn, *, stamp: str, realtime: bool) -> tuple[Any, ...]:
-    """The parameters of _SQLITE_INSERT_EVENT for `event` received at `stamp`."""
+def _sqlite_event_row(event: EventIn, *, stamp: str) -> tuple[Any, ...]:
+    """The parameters of _SQLITE_INSERT_EVENT for a single `event` received at `stamp`."""
     return (
         event.event_id,
         event.customer_id,
@@ -45,7 +45,7 @@ def _sqlite_event_row(event: EventIn, *, stamp: str, realtime: bool) -> tuple[An
         sqlite_time(event.occurred_at),
         orjson.dumps(event.properties).decode(),
         stamp,
-        1 if realtime else 0,
+        1,  # single events are processed in real time
     )
 
 
@@ -104,9 +104,7 @@ def _insert_group_sqlite(
         outcomes = []
         for event in events:
             cursor.execute(_SQLITE_INSERT_CUSTOMER, (event.customer_id, stamp, stamp))
-            cursor.execute(
-                _SQLITE_INSERT_EVENT, _sqlite_event_row(event, stamp=stamp, realtime=True)
-            )
+            cursor.execute(_SQLITE_INSERT_EVENT, _sqlite_event_row(event, stamp=stamp))
             outcomes.append(cursor.rowcount == 1)
         return outcomes
     finally:
