@@ -64,7 +64,12 @@ class EventWriter:
 
     def _run(self) -> None:
         while (group := self._next_group()) is not None:
-            self._commit(group)
+            try:
+                self._commit(group)
+            except Exception as exc:
+                # A dead writer would leave every later request waiting for ever.
+                log.exception("the event writer failed a group of %d", len(group))
+                _answer(group, [exc] * len(group))
 
     def _next_group(self) -> list[_Pending] | None:
         first = self._queue.get()
