@@ -127,8 +127,7 @@ def insert_events(
 # batch while this one is written (row-by-row executemany needs the GIL for every row).
 _SQLITE_INSERT_CUSTOMERS_JSON = (
     "INSERT INTO customers (id, attributes, created_at, updated_at, realtime_pending)"
-    " SELECT DISTINCT json_extract(value, '$[1]'), '{}', :stamp, :stamp, 0"
-    " FROM json_each(:batch)"
+    " SELECT value, '{}', :stamp, :stamp, 0 FROM json_each(:customers)"
     " WHERE true ON CONFLICT (id) DO NOTHING"
 )
 _SQLITE_INSERT_EVENTS_JSON = (
@@ -150,7 +149,12 @@ def _insert_events_sqlite(
             for e in events
         ]
     )
-    params = {"batch": batch.decode(), "stamp": sqlite_time(now), "realtime": 1 if realtime else 0}
+    params = {
+        "batch": batch.decode(),
+        "customers": orjson.dumps(list({e.customer_id for e in events})).decode(),
+        "stamp": sqlite_time(now),
+        "realtime": 1 if realtime else 0,
+    }
     raw = conn.connection.dbapi_connection
     take_sqlite_write_lock(raw)  # type: ignore[arg-type]
     cursor = raw.cursor()  # type: ignore[union-attr]
