@@ -46,7 +46,7 @@ class PartlyRejected(JourneysError):
         return self.result.model_dump()
 
 
-async def read_batch(request: Request, model: type[BaseModel], max_lines: int) -> ParsedBatch[Any]:
+async def read_batch(request: Request, model: type[Any], max_lines: int) -> ParsedBatch[Any]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in BULK_TYPES:
         raise JourneysError(
@@ -61,7 +61,7 @@ async def read_batch(request: Request, model: type[BaseModel], max_lines: int) -
     return await run_in_threadpool(_parse, body, model, max_lines)
 
 
-def _parse(body: bytes, model: type[BaseModel], max_lines: int) -> ParsedBatch[Any]:
+def _parse(body: bytes, model: type[Any], max_lines: int) -> ParsedBatch[Any]:
     batch = parse_body(body, model)
     seen = len(batch.records) + len(batch.rejected)
     if seen > max_lines:

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from api.bulk import BulkResult, PartlyRejected, read_batch
 from api.deps import EngineDep, IngestKey
-from core.events import EventIn
+from core.events import EventIn, EventRecord
 from core.tables import utcnow
 from store.event_writers import EventWriter
 from store.events import insert_events
@@ -53,7 +53,7 @@ async def post_events_bulk(
 ) -> BulkResult:
     """NDJSON or a JSON array of events: valid lines are stored, invalid ones reported."""
     settings = request.app.state.settings
-    batch = await read_batch(request, EventIn, settings.max_bulk_lines)
+    batch = await read_batch(request, EventRecord, settings.max_bulk_lines)
 
     def store() -> int:
         with engine.begin() as conn:

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from core.events import CustomerBulkLine, EventIn, LineRejection
+from core.events import CustomerBulkLine, EventRecord, LineRejection
 from core.records import csv_records, json_records, parse_batch
 from core.tables import utcnow
 
@@ -65,7 +65,7 @@ def import_records(
     from store.customers import upsert_customers
     from store.events import insert_events
 
-    model = EventIn if kind == "events" else CustomerBulkLine
+    model = EventRecord if kind == "events" else CustomerBulkLine
     columns = EVENT_COLUMNS if kind == "events" else CUSTOMER_COLUMNS
     chunks = (
         _csv_chunks(path, batch_size, columns)

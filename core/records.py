@@ -1,4 +1,7 @@
-"""Reading batches of records (NDJSON, a JSON array, CSV) into validated models, line by line."""
+"""Reading batches of records (NDJSON, a JSON array, CSV) into validated records, line by line.
+
+A record type is a pydantic model or a TypedDict with pydantic rules.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +13,11 @@ from functools import lru_cache
 from typing import Any, Generic, TypeVar
 
 import orjson
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from core.events import LineRejection, rejection_from
 
-Model = TypeVar("Model", bound=BaseModel)
+Model = TypeVar("Model")
 
 
 @dataclass
@@ -97,7 +100,7 @@ def parse_batch(records: Iterable[tuple[int, Any]], model: type[Model]) -> Parse
             )
             continue
         try:
-            record = model.model_validate(value)
+            record = _adapter(model).validate_python(value)
         except ValidationError as exc:
             batch.rejected.append(rejection_from(number, exc))
             continue
@@ -106,7 +109,12 @@ def parse_batch(records: Iterable[tuple[int, Any]], model: type[Model]) -> Parse
 
 
 @lru_cache(maxsize=8)
-def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+def _adapter(model: type[Any]) -> TypeAdapter[Any]:
+    return TypeAdapter(model)
+
+
+@lru_cache(maxsize=8)
+def _list_adapter(model: type[Any]) -> TypeAdapter[list[Any]]:
     return TypeAdapter(list[model])  # type: ignore[valid-type]
 
 

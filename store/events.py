@@ -13,7 +13,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import Connection
 
 from core.db import take_sqlite_write_lock
-from core.events import EventIn
+from core.events import EventIn, EventRecord
 from core.tables import Event
 
 
@@ -112,7 +112,7 @@ def _insert_group_sqlite(
 
 
 def insert_events(
-    conn: Connection, *, events: Sequence[EventIn], now: datetime, realtime: bool = True
+    conn: Connection, *, events: Sequence[EventRecord], now: datetime, realtime: bool = True
 ) -> int:
     """Store a batch in one transaction; returns how many were new (the rest were repeats)."""
     if not events:
@@ -140,24 +140,30 @@ _SQLITE_INSERT_EVENTS_JSON = (
 )
 
 
-def _by_customer(event: EventIn) -> str:
+def _by_customer(event: EventRecord) -> str:
     # Rows in customer order land next to each other in the customer indexes: measured on
     # 1,000,000 events, 15.3 -> 11.2 us of PostgreSQL CPU an event, and SQLite 41k -> 45k/s.
-    return event.customer_id
+    return event["customer_id"]
 
 
 def _insert_events_sqlite(
-    conn: Connection, *, events: Sequence[EventIn], now: datetime, realtime: bool
+    conn: Connection, *, events: Sequence[EventRecord], now: datetime, realtime: bool
 ) -> int:
     batch = orjson.dumps(
         [
-            (e.event_id, e.customer_id, e.name, sqlite_time(e.occurred_at), e.properties)
+            (
+                e["event_id"],
+                e["customer_id"],
+                e["name"],
+                sqlite_time(e["occurred_at"]),
+                e.get("properties", {}),
+            )
             for e in sorted(events, key=_by_customer)
         ]
     )
     params = {
         "batch": batch.decode(),
-        "customers": orjson.dumps(list({e.customer_id for e in events})).decode(),
+        "customers": orjson.dumps(list({e["customer_id"] for e in events})).decode(),
         "stamp": sqlite_time(now),
         "realtime": 1 if realtime else 0,
     }
@@ -179,16 +185,16 @@ _EVENT_TYPES = ["varchar", "varchar", "varchar", "timestamptz", "jsonb", "timest
 
 
 def _copy_events_postgres(
-    conn: Connection, *, events: Sequence[EventIn], now: datetime, realtime: bool
+    conn: Connection, *, events: Sequence[EventRecord], now: datetime, realtime: bool
 ) -> int:
     raw = conn.connection.dbapi_connection
     rows = [
         (
-            e.event_id,
-            e.customer_id,
-            e.name,
-            e.occurred_at,
-            e.properties,
+            e["event_id"],
+            e["customer_id"],
+            e["name"],
+            e["occurred_at"],
+            e.get("properties", {}),
             now,
             realtime,
         )
@@ -216,7 +222,7 @@ def _copy_events_postgres(
             " ON CONFLICT (id) DO NOTHING",
             # Sorted: one lock order for every batch, or concurrent batches sharing
             # customers deadlock on the customers index.
-            {"ids": sorted({e.customer_id for e in events}), "now": now},
+            {"ids": sorted({e["customer_id"] for e in events}), "now": now},
         )
         return stored
 
