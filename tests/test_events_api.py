@@ -124,6 +124,7 @@ def test_bulk_stores_each_field_as_sent_with_times_in_utc(api):
     items = [
         {**EVENT, "event_id": "t-1", "occurred_at": "2026-11-20T12:30:00.250000+02:00"},
         {**EVENT, "event_id": "t-2", "customer_id": "c-new", "properties": properties},
+        {k: v for k, v in EVENT.items() if k != "properties"} | {"event_id": "t-3"},
     ]
     assert api.post("/v1/events/bulk", role="ingest", json=items).status_code == 200
     with api.engine.connect() as conn:
@@ -146,6 +147,7 @@ def test_bulk_stores_each_field_as_sent_with_times_in_utc(api):
             EVENT["properties"],
         ),
         ("t-2", "c-new", "Purchase", datetime(2026, 11, 20, 10, 0, tzinfo=UTC), properties),
+        ("t-3", "c-1", "Purchase", datetime(2026, 11, 20, 10, 0, tzinfo=UTC), {}),
     ]
     assert count(api.engine, "SELECT count(*) FROM customers WHERE id IN ('c-1', 'c-new')") == 2
 
