@@ -285,20 +285,19 @@ class SendOnce:
             f"Waiting: frequency cap ({limit}) reached; sending after {release:%Y-%m-%d %H:%M} UTC.",
         )
 
-    def _message_identity(self) -> dict[str, Any]:
-        """The columns that tie a message row to its send, as the store's keywords."""
+    def _message_identity(self) -> message_store.MessageIdentity:
         send = self.send
-        return {
-            "idempotency_key": send.idempotency_key,
-            "workflow_id": send.workflow_id,
-            "run_id": send.run_id,
-            "step": send.step_id,
-            "journey_slug": send.journey_slug,
-            "version": send.version,
-            "customer_id": send.customer_id,
-            "channel": send.channel,
-            "template": send.template,
-        }
+        return message_store.MessageIdentity(
+            idempotency_key=send.idempotency_key,
+            workflow_id=send.workflow_id,
+            run_id=send.run_id,
+            step=send.step_id,
+            journey_slug=send.journey_slug,
+            version=send.version,
+            customer_id=send.customer_id,
+            channel=send.channel,
+            template=send.template,
+        )
 
     def _claim_and_render(
         self, session: Any, existing: message_store.MessageRecord | None
@@ -307,7 +306,7 @@ class SendOnce:
         if existing is None:
             message_id = message_store.claim_send(
                 session,
-                **self._message_identity(),
+                self._message_identity(),
                 to=self.address,
                 provider=self.provider_name,
                 now=self.now,
@@ -505,7 +504,7 @@ class SendOnce:
         send = self.send
         message_id = message_store.record_unsent(
             session,
-            **self._message_identity(),
+            self._message_identity(),
             to=address,
             status="skipped",
             reason=reason,

@@ -16,7 +16,7 @@ outcome of the earlier attempt is unknown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -203,53 +203,55 @@ def counted_send_times(
 # --- the send's state changes -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MessageIdentity:
+    """The columns that tie a message row to its send."""
+
+    idempotency_key: str
+    workflow_id: str
+    run_id: str
+    step: str
+    journey_slug: str
+    version: int
+    customer_id: str
+    channel: str
+    template: str
+
+
 def claim_send(
-    session: Store,
-    *,
-    idempotency_key: str,
-    workflow_id: str,
-    run_id: str,
-    step: str,
-    journey_slug: str,
-    version: int,
-    customer_id: str,
-    channel: str,
-    template: str,
-    to: str,
-    provider: str,
-    now: datetime,
+    session: Store, identity: MessageIdentity, *, to: str, provider: str, now: datetime
 ) -> int | None:
     """Record a new send as `sending` under its key; its id, or None if the key exists."""
     return _insert_message(
         session,
-        values={
-            "key": idempotency_key,
-            "workflow_id": workflow_id,
-            "run_id": run_id,
-            "step": step,
-            "journey_slug": journey_slug,
-            "version": version,
-            "customer_id": customer_id,
-            "channel": channel,
-            "template": template,
-            "to": to,
-            "status": "sending",
-            "provider": provider,
-            "error": None,
-            "attempts": 1,
-            "now": now,
-        },
+        identity,
+        to=to,
+        status="sending",
+        provider=provider,
+        error=None,
+        attempts=1,
+        now=now,
     )
 
 
-def _insert_message(session: Store, *, values: dict[str, Any]) -> int | None:
+def _insert_message(
+    session: Store,
+    identity: MessageIdentity,
+    *,
+    to: str | None,
+    status: str,
+    provider: str,
+    error: str | None,
+    attempts: int,
+    now: datetime,
+) -> int | None:
     """Insert a message row unless its idempotency key has one; its id, or None."""
     row = session.execute(
         text(
             "INSERT INTO messages (idempotency_key, workflow_id, run_id, step, journey_slug,"
             ' version, customer_id, channel, template, "to", headers, links, status, provider,'
             " error, attempts, created_at, updated_at)"
-            " VALUES (:key, :workflow_id, :run_id, :step, :journey_slug, :version, :customer_id,"
+            " VALUES (:idempotency_key, :workflow_id, :run_id, :step, :journey_slug, :version, :customer_id,"
             " :channel, :template, :to, :empty_headers, :empty_links, :status, :provider, :error,"
             " :attempts, :now, :now)"
             " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
@@ -258,7 +260,17 @@ def _insert_message(session: Store, *, values: dict[str, Any]) -> int | None:
             bindparam("empty_links", type_=JSONType),
             *_ts("now"),
         ),
-        {**values, "empty_headers": {}, "empty_links": []},
+        {
+            **asdict(identity),
+            "to": to,
+            "status": status,
+            "provider": provider,
+            "error": error,
+            "attempts": attempts,
+            "now": now,
+            "empty_headers": {},
+            "empty_links": [],
+        },
     ).first()
     return None if row is None else int(row[0])
 
@@ -343,16 +355,8 @@ def mark_send_status(
 
 def record_unsent(
     session: Store,
+    identity: MessageIdentity,
     *,
-    idempotency_key: str,
-    workflow_id: str,
-    run_id: str,
-    step: str,
-    journey_slug: str,
-    version: int,
-    customer_id: str,
-    channel: str,
-    template: str,
     to: str | None,
     status: str,
     reason: str,
@@ -362,23 +366,13 @@ def record_unsent(
     key; its id, or None when the key already had a row."""
     return _insert_message(
         session,
-        values={
-            "key": idempotency_key,
-            "workflow_id": workflow_id,
-            "run_id": run_id,
-            "step": step,
-            "journey_slug": journey_slug,
-            "version": version,
-            "customer_id": customer_id,
-            "channel": channel,
-            "template": template,
-            "to": to,
-            "status": status,
-            "provider": "none",
-            "error": reason,
-            "attempts": 0,
-            "now": now,
-        },
+        identity,
+        to=to,
+        status=status,
+        provider="none",
+        error=reason,
+        attempts=0,
+        now=now,
     )
 
 
