@@ -103,6 +103,10 @@ def update_position(
 
 def append_run_events(conn: Connection, *, run: RunIdentity, lines: Sequence[RunLine]) -> None:
     """Append timeline lines; a line whose seq is already written is left as it is."""
+    _insert_lines(conn, [(run, line) for line in lines])
+
+
+def _insert_lines(conn: Connection, lines: Sequence[tuple[RunIdentity, RunLine]]) -> None:
     if not lines:
         return
     rows = [
@@ -114,7 +118,7 @@ def append_run_events(conn: Connection, *, run: RunIdentity, lines: Sequence[Run
             "customer_id": run.customer_id,
             **line.model_dump(),
         }
-        for line in lines
+        for run, line in lines
     ]
     conn.execute(
         _insert(conn, run_events)
@@ -139,24 +143,7 @@ def record_progress_many(
     if not items:
         return
     ensure_runs(conn, identities=[run for run, _, _ in items])
-    rows = [
-        {
-            "workflow_id": run.workflow_id,
-            "run_id": run.run_id,
-            "journey_slug": run.journey_slug,
-            "version": run.version,
-            "customer_id": run.customer_id,
-            **line.model_dump(),
-        }
-        for run, lines, _ in items
-        for line in lines
-    ]
-    if rows:
-        conn.execute(
-            _insert(conn, run_events)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["workflow_id", "run_id", "seq"])
-        )
+    _insert_lines(conn, [(run, line) for run, lines, _ in items for line in lines])
     moves = [
         {
             "b_workflow_id": run.workflow_id,
