@@ -37,6 +37,7 @@ from store.journeys import (
     resume_journey,
 )
 from store.templates import SHIPPED_TEMPLATES_DIR
+from tests.utils.journey_runtime import CHAMPIONS
 
 SEED5_SEGMENTS = [
     "default:champions",
@@ -53,29 +54,8 @@ KNOWN_TEMPLATES = {
     "t/sms.txt",
 }
 
-BASE: dict[str, Any] = {
-    "slug": "champions-nurture",
-    "name": "Champions RFM campaign",
-    "trigger": {"segment": "default:champions"},
-    "goal": {"event": "Purchase", "within": "P30D"},
-    "reentry": {"policy": "after_completion", "cooldown": "P30D"},
-    "start": "welcome",
-    "steps": {
-        "welcome": {"type": "email", "template": "champions/welcome.html", "next": "wait_click"},
-        "wait_click": {
-            "type": "wait_for_event",
-            "event": "email_clicked",
-            "of_step": "welcome",
-            "timeout": "P3D",
-            "on_event": "vip",
-            "on_timeout": "reminder",
-        },
-        "reminder": {"type": "email", "template": "champions/reminder.html", "next": "vip"},
-        "vip": {"type": "email", "template": "champions/vip_rewards.html", "next": "pause"},
-        "pause": {"type": "delay", "duration": "P2D", "next": "recs"},
-        "recs": {"type": "email", "template": "champions/recommendations.html", "next": None},
-    },
-}
+# The seed's Champions flow, as the runtime tests run it.
+BASE: dict[str, Any] = CHAMPIONS
 
 
 def base(**changes: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from sqlmodel import Session
 from api.app import create_app
 from store.keys import create_key
 from tests.utils.api import settings_for_tests
+from tests.utils.rfm import model_body
 from worker import build_worker, connect_client, ensure_background_workflows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,19 +95,7 @@ async def test_events_alone_bring_a_champion_their_welcome_email(dev_server_env,
         )
         assert response.status_code == 200, response.text
 
-        model = {
-            "slug": "default",
-            "name": "Lifecycle RFM",
-            "recency_event": "Purchase",
-            "frequency_event": "Purchase",
-            "monetary_event": "Purchase",
-            "monetary_property": "total_price",
-            "timeframe": "P90D",
-            "targeting": None,
-            "segment_map": "seed5",
-            "schedule": "PT1M",
-            "realtime": True,
-        }
+        model = model_body(schedule="PT1M", realtime=True)
         response = await api.post("/v1/rfm-models", json=model)
         assert response.status_code == 201, response.text
         champions = json.loads((ROOT / "templates/journeys/champions.json").read_text())
