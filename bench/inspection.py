@@ -46,9 +46,9 @@ from typing import Any  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
-from core.db import make_engine  # noqa: E402
-from core.migrate import migrate  # noqa: E402
+from bench.stores import bench_store  # noqa: E402
 from store.analytics import journey_analytics  # noqa: E402
+from store.events import sqlite_time  # noqa: E402
 from store.inspection import customer_journeys  # noqa: E402
 
 SCHEMA = "bench_inspect"
@@ -83,29 +83,14 @@ TRANSITION_COLUMNS = (
 )
 
 
-def sqlite_time(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
 def make_store(args: argparse.Namespace) -> Engine:
-    if args.db == "sqlite":
-        path = Path(args.sqlite_path)
-        if not args.reuse and path.exists():
-            path.unlink()
-        engine = make_engine(f"sqlite:///{path}")
-    else:
-        admin = make_engine(args.url)
-        with admin.begin() as conn:
-            if not args.reuse:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE'))
-            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
-        admin.dispose()
-        sep = "&" if "?" in args.url else "?"
-        engine = make_engine(f"{args.url}{sep}options=-csearch_path%3D{SCHEMA}")
-    migrate(engine)
-    return engine
+    return bench_store(
+        db=args.db,
+        url=args.url,
+        sqlite_path=args.sqlite_path,
+        schema=SCHEMA,
+        reuse=args.reuse,
+    )
 
 
 # --- generation -----------------------------------------------------------------------------

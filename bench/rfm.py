@@ -38,8 +38,7 @@ from sqlalchemy.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.db import make_engine  # noqa: E402
-from core.migrate import migrate  # noqa: E402
+from bench.stores import bench_store  # noqa: E402
 from core.rfm import RfmModelCreate  # noqa: E402
 from store import rfm_models, scoring  # noqa: E402
 
@@ -50,23 +49,13 @@ MODEL = "bench"
 
 
 def make_store(args: argparse.Namespace) -> Engine:
-    if args.db == "sqlite":
-        path = Path(args.sqlite_path)
-        if not args.reuse:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
-        engine = make_engine(f"sqlite:///{path}")
-    else:
-        admin = make_engine(args.url)
-        with admin.begin() as conn:
-            if not args.reuse:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{args.schema}" CASCADE'))
-            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{args.schema}"'))
-        admin.dispose()
-        sep = "&" if "?" in args.url else "?"
-        engine = make_engine(f"{args.url}{sep}options=-csearch_path%3D{args.schema}")
-    migrate(engine)
-    return engine
+    return bench_store(
+        db=args.db,
+        url=args.url,
+        sqlite_path=args.sqlite_path,
+        schema=args.schema,
+        reuse=args.reuse,
+    )
 
 
 def customer_id(n: int) -> str:

@@ -34,10 +34,10 @@ from sqlalchemy.engine import Connection, Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.db import make_engine  # noqa: E402
-from core.migrate import migrate  # noqa: E402
+from bench.stores import bench_store  # noqa: E402
 from core.tables import UTCDateTime  # noqa: E402
 from store import segments as segment_store  # noqa: E402
+from store.events import sqlite_time  # noqa: E402
 
 SCHEMA = "bench_segments"
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -64,27 +64,14 @@ def pg_time(value: datetime) -> str:
     return value.isoformat()
 
 
-def sqlite_time(value: datetime) -> str:
-    return value.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
 def make_store(args: argparse.Namespace) -> Engine:
-    if args.db == "sqlite":
-        path = Path(args.sqlite_path)
-        if not args.reuse and path.exists():
-            path.unlink()
-        engine = make_engine(f"sqlite:///{path}")
-    else:
-        admin = make_engine(args.url)
-        with admin.begin() as conn:
-            if not args.reuse:
-                conn.execute(text(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE'))
-            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
-        admin.dispose()
-        sep = "&" if "?" in args.url else "?"
-        engine = make_engine(f"{args.url}{sep}options=-csearch_path%3D{SCHEMA}")
-    migrate(engine)
-    return engine
+    return bench_store(
+        db=args.db,
+        url=args.url,
+        sqlite_path=args.sqlite_path,
+        schema=SCHEMA,
+        reuse=args.reuse,
+    )
 
 
 def generate(engine: Engine, *, customers: int, events: int, seed: int) -> None:
