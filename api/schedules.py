@@ -29,19 +29,28 @@ from core.rfm import RFM_SCORING_WORKFLOW, RfmScoringInput, rfm_schedule_id
 from core.segments import SEGMENT_WORKFLOW, SegmentEvaluationInput, segment_schedule_id
 
 
-def rfm_schedule(*, model_slug: str, every: timedelta, task_queue: str) -> Schedule:
-    """The schedule of a model's passes (each run scores as of its own start time)."""
+def _interval_schedule(
+    workflow: str, arg: object, *, workflow_id: str, every: timedelta, task_queue: str
+) -> Schedule:
+    """Start `workflow` every `every`; a run still going when the next is due skips it."""
     return Schedule(
-        action=ScheduleActionStartWorkflow(
-            RFM_SCORING_WORKFLOW,
-            RfmScoringInput(model_slug=model_slug),
-            id=rfm_schedule_id(model_slug),
-            task_queue=task_queue,
-        ),
+        action=ScheduleActionStartWorkflow(workflow, arg, id=workflow_id, task_queue=task_queue),
         spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-        state=ScheduleState(note=f"RFM scoring of model {model_slug!r}, every {every}"),
     )
+
+
+def rfm_schedule(*, model_slug: str, every: timedelta, task_queue: str) -> Schedule:
+    """The schedule of a model's passes (each run scores as of its own start time)."""
+    schedule = _interval_schedule(
+        RFM_SCORING_WORKFLOW,
+        RfmScoringInput(model_slug=model_slug),
+        workflow_id=rfm_schedule_id(model_slug),
+        every=every,
+        task_queue=task_queue,
+    )
+    schedule.state = ScheduleState(note=f"RFM scoring of model {model_slug!r}, every {every}")
+    return schedule
 
 
 async def upsert_schedule(client: Client, *, schedule_id: str, schedule: Schedule) -> None:
@@ -88,15 +97,12 @@ async def sync_rfm_schedule(
 
 def segment_schedule(*, slug: str, every: timedelta, task_queue: str) -> Schedule:
     """The schedule of a rule segment's evaluations."""
-    return Schedule(
-        action=ScheduleActionStartWorkflow(
-            SEGMENT_WORKFLOW,
-            SegmentEvaluationInput(slug=slug),
-            id=segment_schedule_id(slug),
-            task_queue=task_queue,
-        ),
-        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    return _interval_schedule(
+        SEGMENT_WORKFLOW,
+        SegmentEvaluationInput(slug=slug),
+        workflow_id=segment_schedule_id(slug),
+        every=every,
+        task_queue=task_queue,
     )
 
 
