@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
@@ -9,9 +11,8 @@ from pydantic import BaseModel
 from api.bulk import BulkResult, PartlyRejected, read_batch
 from api.deps import EngineDep, IngestKey
 from core.events import EventIn, EventRecord
-from core.tables import utcnow
 from store.event_writers import EventWriter
-from store.events import insert_events
+from store.events import KnownCustomers, write_event_batch
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
@@ -55,11 +56,10 @@ async def post_events_bulk(
     settings = request.app.state.settings
     batch = await read_batch(request, EventRecord, settings.max_bulk_lines)
 
-    def store() -> int:
-        with engine.begin() as conn:
-            return insert_events(conn, events=batch.records, now=utcnow(), realtime=realtime)
-
-    accepted = await run_in_threadpool(store) if batch.records else 0
+    known: KnownCustomers = request.app.state.known_customers
+    accepted = await run_in_threadpool(
+        partial(write_event_batch, engine, events=batch.records, realtime=realtime, known=known)
+    )
     result = BulkResult(
         accepted=accepted, duplicates=len(batch.records) - accepted, rejected=batch.rejected
     )

@@ -63,7 +63,7 @@ def import_records(
 ) -> ImportSummary:
     """Import `events` or `customers` from NDJSON or CSV, one transaction per batch."""
     from store.customers import upsert_customers
-    from store.events import insert_events
+    from store.events import KnownCustomers, write_event_batch
 
     model = EventRecord if kind == "events" else CustomerBulkLine
     columns = EVENT_COLUMNS if kind == "events" else CUSTOMER_COLUMNS
@@ -73,18 +73,16 @@ def import_records(
         else _ndjson_chunks(path, batch_size)
     )
     summary = ImportSummary()
+    known = KnownCustomers()
     for records, done in chunks:
         batch = parse_batch(records, model)
         summary.rejected.extend(batch.rejected)
-        if batch.records:
-            with engine.begin() as conn:
-                if kind == "events":
-                    stored = insert_events(
-                        conn, events=batch.records, now=utcnow(), realtime=realtime
-                    )
-                    summary.duplicates += len(batch.records) - stored
-                else:
-                    stored = upsert_customers(conn, lines=batch.records, now=utcnow())
+        if batch.records and kind == "events":
+            stored = write_event_batch(engine, events=batch.records, realtime=realtime, known=known)
+            summary.duplicates += len(batch.records) - stored
             summary.accepted += stored
+        elif batch.records:
+            with engine.begin() as conn:
+                summary.accepted += upsert_customers(conn, lines=batch.records, now=utcnow())
         on_progress(done)
     return summary

@@ -30,6 +30,10 @@ from sqlmodel import Field, SQLModel
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# Customer and event ids (and event names) compare as bytes on PostgreSQL, as SQLite
+# compares all text: they are opaque, and a locale's collation made every comparison in
+# their indexes a strcoll call (migration 0003).
+IdString = String(255).with_variant(String(255, collation="C"), "postgresql")
 
 
 def utcnow() -> datetime:
@@ -84,7 +88,7 @@ class Customer(SQLModel, table=True):
         ),
     )
 
-    id: str = Field(sa_column=Column(String(255), primary_key=True))
+    id: str = Field(sa_column=Column(IdString, primary_key=True))
     email: str | None = Field(default=None, sa_column=Column(String(320), index=True))
     phone: str | None = Field(default=None, sa_column=Column(String(32), index=True))
     attributes: dict[str, Any] = _json()
@@ -116,9 +120,9 @@ class Event(SQLModel, table=True):
     id: int | None = Field(
         default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True)
     )
-    event_id: str = Field(sa_column=Column(String(255), nullable=False, unique=True))
-    customer_id: str = Field(sa_column=Column(String(255), nullable=False))
-    name: str = Field(sa_column=Column(String(255), nullable=False))
+    event_id: str = Field(sa_column=Column(IdString, nullable=False, unique=True))
+    customer_id: str = Field(sa_column=Column(IdString, nullable=False))
+    name: str = Field(sa_column=Column(IdString, nullable=False))
     occurred_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     properties: dict[str, Any] = _json()
     received_at: datetime = _now_ts()
@@ -194,7 +198,7 @@ class RfmScore(SQLModel, table=True):
     )
 
     model_slug: str = Field(sa_column=Column(String(100), primary_key=True))
-    customer_id: str = Field(sa_column=Column(String(255), primary_key=True))
+    customer_id: str = Field(sa_column=Column(IdString, primary_key=True))
     recency_days: int = Field(sa_column=Column(Integer, nullable=False))
     frequency: int = Field(sa_column=Column(Integer, nullable=False))
     monetary: float = Field(sa_column=Column(Float, nullable=False))
@@ -233,7 +237,7 @@ class SegmentMembership(SQLModel, table=True):
     __table_args__ = (Index("ix_memberships_customer", "customer_id"),)
 
     segment_slug: str = Field(sa_column=Column(String(200), primary_key=True))
-    customer_id: str = Field(sa_column=Column(String(255), primary_key=True))
+    customer_id: str = Field(sa_column=Column(IdString, primary_key=True))
     since: datetime = _now_ts()
 
 
@@ -256,7 +260,7 @@ class SegmentTransition(SQLModel, table=True):
         default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True)
     )
     segment_slug: str = Field(sa_column=Column(String(200), nullable=False))
-    customer_id: str = Field(sa_column=Column(String(255), nullable=False))
+    customer_id: str = Field(sa_column=Column(IdString, nullable=False))
     kind: str = Field(sa_column=Column(String(10), nullable=False))  # entered | exited
     source: str = Field(
         sa_column=Column(String(40), nullable=False)
@@ -309,7 +313,7 @@ class JourneyRun(SQLModel, table=True):
     run_id: str = Field(sa_column=Column(String(64), nullable=False))
     journey_slug: str = Field(sa_column=Column(String(200), nullable=False))
     version: int = Field(sa_column=Column(Integer, nullable=False))
-    customer_id: str = Field(sa_column=Column(String(255), nullable=False))
+    customer_id: str = Field(sa_column=Column(IdString, nullable=False))
     # running | completed | converted | exited | failed | cancelled
     status: str = Field(default="running", sa_column=Column(String(20), nullable=False))
     step: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
@@ -341,7 +345,7 @@ class RunEvent(SQLModel, table=True):
     seq: int = Field(sa_column=Column(Integer, nullable=False))
     journey_slug: str = Field(sa_column=Column(String(200), nullable=False))
     version: int = Field(sa_column=Column(Integer, nullable=False))
-    customer_id: str = Field(sa_column=Column(String(255), nullable=False, index=True))
+    customer_id: str = Field(sa_column=Column(IdString, nullable=False, index=True))
     step: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
     kind: str = Field(sa_column=Column(String(40), nullable=False))
     reason: str = Field(default="", sa_column=Column(Text, nullable=False))
@@ -372,7 +376,7 @@ class Message(SQLModel, table=True):
     step: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
     journey_slug: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
     version: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
-    customer_id: str = Field(sa_column=Column(String(255), nullable=False))
+    customer_id: str = Field(sa_column=Column(IdString, nullable=False))
     channel: str = Field(sa_column=Column(String(10), nullable=False))  # email | sms
     template: str | None = Field(default=None, sa_column=Column(String(300), nullable=True))
     to: str | None = Field(default=None, sa_column=Column(String(320), nullable=True))

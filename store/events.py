@@ -10,11 +10,11 @@ from typing import Any
 import orjson
 from psycopg.errors import DeadlockDetected, UniqueViolation
 from sqlalchemy import select, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from core.db import take_sqlite_write_lock
 from core.events import EventIn, EventRecord
-from core.tables import Event
+from core.tables import Event, utcnow
 
 
 def sqlite_time(value: datetime) -> str:
@@ -50,7 +50,9 @@ def _sqlite_event_row(event: EventIn, *, stamp: str) -> tuple[Any, ...]:
 
 
 _INSERT_GROUP_POSTGRES = (
-    "WITH batch AS (SELECT * FROM unnest(%(event_ids)s::text[], %(customer_ids)s::text[],"
+    # Byte order ("C"), as the ids' indexes and the bulk path's Python sort have it.
+    'WITH batch AS (SELECT * FROM unnest(%(event_ids)s::text[] COLLATE "C",'
+    ' %(customer_ids)s::text[] COLLATE "C",'
     " %(names)s::text[], %(times)s::timestamptz[], %(properties)s::text[]::jsonb[])"
     " AS b (event_id, customer_id, name, occurred_at, properties)),"
     " new_customers AS (INSERT INTO customers (id, attributes, created_at, updated_at)"
@@ -111,15 +113,67 @@ def _insert_group_sqlite(
         cursor.close()
 
 
-def insert_events(
-    conn: Connection, *, events: Sequence[EventRecord], now: datetime, realtime: bool = True
+class KnownCustomers:
+    """Customer ids this process has seen stored, so a bulk batch creates only the others.
+
+    Customers are never deleted, so an id stays valid once stored; ids are remembered only
+    after their transaction has committed. Measured: creating the 18,000 customers of a
+    20,000-event batch when they existed already cost PostgreSQL 2 us an event.
+    """
+
+    def __init__(self, limit: int = 500_000) -> None:
+        self._ids: set[str] = set()
+        self._limit = limit
+
+    def unknown(self, ids: set[str]) -> set[str]:
+        return ids - self._ids
+
+    def remember(self, ids: set[str]) -> None:
+        if len(self._ids) + len(ids) > self._limit:
+            self._ids = set()  # forgetting costs only the creation of existing customers
+        self._ids |= ids
+
+
+def write_event_batch(
+    engine: Engine, *, events: Sequence[EventRecord], realtime: bool, known: KnownCustomers
 ) -> int:
-    """Store a batch in one transaction; returns how many were new (the rest were repeats)."""
+    """Store a bulk batch in its own transaction; returns how many events were new."""
     if not events:
         return 0
+    customers = {e["customer_id"] for e in events}
+    with engine.begin() as conn:
+        stored = insert_events(
+            conn,
+            events=events,
+            now=utcnow(),
+            realtime=realtime,
+            customers=known.unknown(customers),
+        )
+    known.remember(customers)
+    return stored
+
+
+def insert_events(
+    conn: Connection,
+    *,
+    events: Sequence[EventRecord],
+    now: datetime,
+    realtime: bool = True,
+    customers: set[str] | None = None,
+) -> int:
+    """Store a batch in the caller's transaction; returns how many were new (the rest were
+    repeats). `customers` are the ids to create if missing: all of the batch's by default."""
+    if not events:
+        return 0
+    if customers is None:
+        customers = {e["customer_id"] for e in events}
     if conn.dialect.name == "postgresql":
-        return _copy_events_postgres(conn, events=events, now=now, realtime=realtime)
-    return _insert_events_sqlite(conn, events=events, now=now, realtime=realtime)
+        return _copy_events_postgres(
+            conn, events=events, customers=customers, now=now, realtime=realtime
+        )
+    return _insert_events_sqlite(
+        conn, events=events, customers=customers, now=now, realtime=realtime
+    )
 
 
 # The batch goes to SQLite as one JSON text that SQLite itself takes apart: the whole
@@ -147,7 +201,12 @@ _by_customer = itemgetter("customer_id")
 
 
 def _insert_events_sqlite(
-    conn: Connection, *, events: Sequence[EventRecord], now: datetime, realtime: bool
+    conn: Connection,
+    *,
+    events: Sequence[EventRecord],
+    customers: set[str],
+    now: datetime,
+    realtime: bool,
 ) -> int:
     batch = orjson.dumps(
         [
@@ -163,7 +222,7 @@ def _insert_events_sqlite(
     )
     params = {
         "batch": batch.decode(),
-        "customers": orjson.dumps(list({e["customer_id"] for e in events})).decode(),
+        "customers": orjson.dumps(list(customers)).decode(),
         "stamp": sqlite_time(now),
         "realtime": 1 if realtime else 0,
     }
@@ -171,7 +230,8 @@ def _insert_events_sqlite(
     take_sqlite_write_lock(raw)  # type: ignore[arg-type]
     cursor = raw.cursor()  # type: ignore[union-attr]
     try:
-        cursor.execute(_SQLITE_INSERT_CUSTOMERS_JSON, params)
+        if customers:
+            cursor.execute(_SQLITE_INSERT_CUSTOMERS_JSON, params)
         cursor.execute(_SQLITE_INSERT_EVENTS_JSON, params)
         return cursor.rowcount
     finally:
@@ -189,7 +249,12 @@ _JSONB_VERSION = "\x01"
 
 
 def _copy_events_postgres(
-    conn: Connection, *, events: Sequence[EventRecord], now: datetime, realtime: bool
+    conn: Connection,
+    *,
+    events: Sequence[EventRecord],
+    customers: set[str],
+    now: datetime,
+    realtime: bool,
 ) -> int:
     raw = conn.connection.dbapi_connection
     rows = [
@@ -219,15 +284,16 @@ def _copy_events_postgres(
             stored = len(rows)
         # Customers last: a batch creating a customer holds it until commit, and a
         # concurrent batch naming that customer waits that long, so the shorter the better.
-        cursor.execute(
-            "INSERT INTO customers (id, attributes, created_at, updated_at)"
-            " SELECT json_array_elements_text(%(ids)s::json), '{}'::jsonb, %(now)s, %(now)s"
-            " ON CONFLICT (id) DO NOTHING",
-            # Sorted: one lock order for every batch, or concurrent batches sharing
-            # customers deadlock on the customers index. One JSON text, not a text[]:
-            # psycopg builds an array parameter in Python, item by item.
-            {"ids": orjson.dumps(sorted({e["customer_id"] for e in events})).decode(), "now": now},
-        )
+        if customers:
+            cursor.execute(
+                "INSERT INTO customers (id, attributes, created_at, updated_at)"
+                " SELECT json_array_elements_text(%(ids)s::json), '{}'::jsonb, %(now)s,"
+                " %(now)s ON CONFLICT (id) DO NOTHING",
+                # Sorted: one lock order for every batch, or concurrent batches sharing
+                # customers deadlock on the customers index. One JSON text, not a text[]:
+                # psycopg builds an array parameter in Python, item by item.
+                {"ids": orjson.dumps(sorted(customers)).decode(), "now": now},
+            )
         return stored
 
 
@@ -244,8 +310,9 @@ def _copy_rows(cursor: Any, table: str, rows: list[tuple[Any, ...]]) -> None:
 def _insert_staged_postgres(cursor: Any, rows: list[tuple[Any, ...]]) -> int:
     """Repeats skipped: staged in a temporary table, then inserted in event_id order."""
     cursor.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS staged_events (event_id text, customer_id text,"
-        " name text, occurred_at timestamptz, properties jsonb, received_at timestamptz,"
+        'CREATE TEMP TABLE IF NOT EXISTS staged_events (event_id text COLLATE "C",'
+        ' customer_id text COLLATE "C", name text COLLATE "C", occurred_at timestamptz,'
+        " properties jsonb, received_at timestamptz,"
         " realtime_pending boolean) ON COMMIT DELETE ROWS"
     )
     cursor.execute("TRUNCATE staged_events")

@@ -30,7 +30,8 @@ def _create_stage(conn: Connection) -> None:
         conn.execute(
             text(
                 "CREATE TEMP TABLE IF NOT EXISTS staged_membership ("
-                " segment_slug varchar(200) NOT NULL, customer_id varchar(255) NOT NULL,"
+                ' segment_slug varchar(200) NOT NULL, customer_id varchar(255) COLLATE "C"'
+                " NOT NULL,"
                 " context text NOT NULL DEFAULT '{}',"
                 " PRIMARY KEY (segment_slug, customer_id)) ON COMMIT DELETE ROWS"
             )

@@ -1,4 +1,4 @@
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 
 def test_migrations_create_every_table(store_engine):
@@ -45,3 +45,59 @@ def test_api_processes_starting_together_share_one_bootstrap_key(tmp_path):
     with make_engine(url).connect() as conn:
         keys = conn.execute(text("SELECT role, revoked_at FROM api_keys")).all()
     assert keys == [("admin", None)]
+
+
+def _id_collations(engine) -> dict[tuple[str, str], str | None]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT table_name, column_name, collation_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema()"
+                " AND (column_name = 'customer_id' OR (table_name, column_name) IN"
+                " (('customers', 'id'), ('events', 'event_id'), ('events', 'name')))"
+            )
+        ).all()
+    return {(table, column): collation for table, column, collation in rows}
+
+
+def test_ids_compare_as_bytes_on_postgres_and_the_migration_reverses(postgres_engine):
+    from alembic import command
+
+    from core.migrate import alembic_config
+
+    collations = _id_collations(postgres_engine)
+    assert len(collations) == 10
+    assert set(collations.values()) == {"C"}
+
+    config = alembic_config()
+    with postgres_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0002")
+    assert set(_id_collations(postgres_engine).values()) == {None}
+    with postgres_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    assert _id_collations(postgres_engine) == collations
+
+
+def test_bulk_events_join_their_customers_under_one_collation(store_engine):
+    from core.events import EventRecord
+    from core.records import parse_body
+    from store.events import KnownCustomers, write_event_batch
+
+    body = b"\n".join(
+        b'{"event_id": "e-%d", "customer_id": "c-%s", "name": "Purchase",'
+        b' "occurred_at": "2026-01-0%dT10:00:00+01:00"}' % (i, name, i + 1)
+        for i, name in enumerate([b"B", b"a", "\u00e9".encode(), b"a"])
+    )
+    batch = parse_body(body, EventRecord)
+    write_event_batch(store_engine, events=batch.records, realtime=False, known=KnownCustomers())
+    with store_engine.connect() as conn:
+        joined = conn.execute(
+            text(
+                "SELECT c.id, count(*) FROM events e JOIN customers c ON c.id = e.customer_id"
+                " GROUP BY c.id ORDER BY c.id"
+            )
+        ).all()
+    # Byte order on both databases: upper case before lower case before accents.
+    assert [tuple(row) for row in joined] == [("c-B", 1), ("c-a", 2), ("c-\u00e9", 1)]
