@@ -15,7 +15,7 @@ from api.limits import BodySizeLimit
 from core.db import make_engine
 from core.migrate import migrate
 from core.settings import Settings, get_settings
-from store.event_writers import EventWriter
+from store.event_writers import BulkWriter, EventWriter
 from store.events import KnownCustomers
 from store.keys import ensure_bootstrap_key
 
@@ -31,14 +31,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if settings.bootstrap_admin_key:
             ensure_bootstrap_key(engine, secret=settings.bootstrap_admin_key)
         app.state.event_writer = EventWriter(engine)
-        app.state.known_customers = KnownCustomers()
+        app.state.bulk_writer = BulkWriter(engine, KnownCustomers())
         await app.state.event_writer.open()
+        await app.state.bulk_writer.open()
         # Everything loaded so far lives as long as the process: out of the collector's
         # sight, a full collection no longer walks it (measured: the p99 of single events).
         gc.freeze()
         try:
             yield
         finally:
+            await app.state.bulk_writer.close()
             await app.state.event_writer.close()
 
     app = FastAPI(

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from api.bulk import BulkResult, PartlyRejected, read_batch
-from api.deps import EngineDep, IngestKey
+from api.deps import IngestKey
 from core.events import EventIn, EventRecord
-from store.event_writers import EventWriter
-from store.events import KnownCustomers, write_event_batch
+from store.event_writers import BulkWriter, EventWriter
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 
@@ -46,7 +42,6 @@ async def post_event(
 )
 async def post_events_bulk(
     request: Request,
-    engine: EngineDep,
     _: IngestKey,
     realtime: bool = Query(
         True, description="false for a history import: no real-time rescoring or journeys"
@@ -56,10 +51,8 @@ async def post_events_bulk(
     settings = request.app.state.settings
     batch = await read_batch(request, EventRecord, settings.max_bulk_lines)
 
-    known: KnownCustomers = request.app.state.known_customers
-    accepted = await run_in_threadpool(
-        partial(write_event_batch, engine, events=batch.records, realtime=realtime, known=known)
-    )
+    writer: BulkWriter = request.app.state.bulk_writer
+    accepted = await writer.write(batch.records, realtime=realtime)
     result = BulkResult(
         accepted=accepted, duplicates=len(batch.records) - accepted, rejected=batch.rejected
     )

@@ -1,11 +1,19 @@
-"""Single events as the API writes them: group commit by one writer thread per process.
+"""Events as the API writes them: group commit by one writer thread per process.
 
-Each request queues its event and waits; the writer stores whatever is waiting in one
-statement (PostgreSQL) or one transaction (SQLite) and answers every request once that
-commit is done. Under load this turns hundreds of one-row transactions a second into a
-few multi-row ones: on PostgreSQL one commit (and WAL flush) per group instead of per
-event, on SQLite one trip through its single-writer lock. A request still gets its 201
-only after its row is committed.
+Single events: each request queues its event and waits; the writer stores whatever is
+waiting in one statement (PostgreSQL) or one transaction (SQLite) and answers every
+request once that commit is done. Under load this turns hundreds of one-row transactions
+a second into a few multi-row ones: on PostgreSQL one commit (and WAL flush) per group
+instead of per event, on SQLite one trip through its single-writer lock.
+
+Bulk batches on SQLite: the batches waiting for the write lock go in one transaction, a
+statement each. A batch of 20,000 events sorted by customer touches most leaf pages of
+the customer indexes, and SQLite writes every page a transaction touched to its WAL (and
+later into the database): two batches in one transaction write those pages once
+(measured: 7 instead of 14 us of system time an event). PostgreSQL logs rows, not pages,
+and writes concurrent batches in parallel, so its batches go straight to the store.
+
+Either way a request gets its answer only after its rows are committed.
 """
 
 from __future__ import annotations
@@ -16,36 +24,49 @@ import logging
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy.engine import Engine
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.engine import Connection, Engine
 
-from core.events import EventIn
+from core.db import take_sqlite_write_lock
+from core.events import EventIn, EventRecord
 from core.tables import utcnow
-from store.events import insert_event_group
+from store.events import KnownCustomers, insert_event_group, insert_events, write_event_batch
 
 log = logging.getLogger("journeys.events")
 
 GROUP_COMMIT_MAX = 500
+# A SQLite bulk group stops growing at this many events (two batches of 20,000): the
+# process parses its next batches while this group is written. A group of every waiting
+# batch left the writer idle while their successors were parsed (measured with four
+# batches in flight on one process: 42,000 events/s against 48,000 at this limit).
+BULK_GROUP_MAX_EVENTS = 40_000
+
+Item = TypeVar("Item")
 
 
 @dataclass
-class _Pending:
-    event: EventIn
+class _Pending(Generic[Item]):
+    item: Item
     loop: asyncio.AbstractEventLoop
-    answer: asyncio.Future[bool]
+    answer: asyncio.Future[Any]
 
 
-class EventWriter:
-    """`await write(event)` -> True when stored, False for a repeat of a stored `event_id`."""
+class _GroupWriter(Generic[Item]):
+    """A writer thread that commits whatever has queued up as one group."""
+
+    name = "writer"
 
     def __init__(self, engine: Engine):
         self._engine = engine
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending[Item] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     async def open(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="event-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     async def close(self) -> None:
@@ -54,29 +75,38 @@ class EventWriter:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
-    async def write(self, event: EventIn) -> bool:
+    async def _submit(self, item: Item) -> Any:
         if self._thread is None:
-            raise RuntimeError("the event writer is not open (the app's lifespan did not run)")
+            raise RuntimeError(f"the {self.name} is not open (the app's lifespan did not run)")
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[bool] = loop.create_future()
-        self._queue.put(_Pending(event, loop, answer))
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Pending(item, loop, answer))
         return await answer
 
+    def _size(self, item: Item) -> int:
+        return 1
+
+    def _group_limit(self) -> int:
+        return GROUP_COMMIT_MAX
+
     def _run(self) -> None:
-        while (group := self._next_group()) is not None:
+        while (first := self._queue.get()) is not None:
+            group = [first]
             try:
-                self._commit(group)
+                self._process(group)
             except Exception as exc:
                 # A dead writer would leave every later request waiting for ever.
-                log.exception("the event writer failed a group of %d", len(group))
+                log.exception("the %s failed a group of %d", self.name, len(group))
                 _answer(group, [exc] * len(group))
 
-    def _next_group(self) -> list[_Pending] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        group = [first]
-        while len(group) < GROUP_COMMIT_MAX:
+    def _process(self, group: list[_Pending[Item]]) -> None:
+        self._drain(group)
+        self._commit_or_split(group)
+
+    def _drain(self, group: list[_Pending[Item]]) -> None:
+        """Add what else is waiting to `group`, up to the group limit."""
+        size = sum(self._size(p.item) for p in group)
+        while size < self._group_limit():
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -85,28 +115,119 @@ class EventWriter:
                 self._queue.put(None)  # stop once this group is answered
                 break
             group.append(item)
-        return group
+            size += self._size(item.item)
 
-    def _commit(self, group: list[_Pending]) -> None:
+    def _commit_or_split(self, group: list[_Pending[Item]]) -> None:
         try:
-            with self._engine.begin() as conn:
-                outcomes: list[bool | BaseException] = list(
-                    insert_event_group(conn, events=[p.event for p in group], now=utcnow())
-                )
+            outcomes: list[Any] = self._commit([p.item for p in group])
         except Exception as exc:
             if len(group) > 1:
-                # One bad event (or a deadlock victim) must not fail its neighbours.
+                # One bad item (or a deadlock victim) must not fail its neighbours.
                 for pending in group:
-                    self._commit([pending])
+                    self._commit_or_split([pending])
                 return
-            log.exception("storing event %s failed", group[0].event.event_id)
+            log.exception("the %s failed to store one item", self.name)
             outcomes = [exc]
         _answer(group, outcomes)
 
+    def _commit(self, items: list[Item]) -> list[Any]:
+        raise NotImplementedError
 
-def _answer(group: list[_Pending], outcomes: list[bool | BaseException]) -> None:
-    """Settle the waiting requests: one wake-up per event loop, not one per event."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bool], object]]]
+
+class EventWriter(_GroupWriter[EventIn]):
+    """`await write(event)` -> True when stored, False for a repeat of a stored `event_id`."""
+
+    name = "event writer"
+
+    async def write(self, event: EventIn) -> bool:
+        return bool(await self._submit(event))
+
+    def _commit(self, items: list[EventIn]) -> list[Any]:
+        with self._engine.begin() as conn:
+            return list(insert_event_group(conn, events=items, now=utcnow()))
+
+
+@dataclass(frozen=True)
+class _Batch:
+    events: Sequence[EventRecord]
+    realtime: bool
+
+
+class BulkWriter(_GroupWriter[_Batch]):
+    """`await write(events, realtime=...)` -> how many events of the batch were new."""
+
+    name = "bulk writer"
+
+    def __init__(self, engine: Engine, known: KnownCustomers):
+        super().__init__(engine)
+        self._known = known
+
+    async def write(self, events: Sequence[EventRecord], *, realtime: bool) -> int:
+        if not events:
+            return 0
+        if self._engine.dialect.name == "postgresql":
+            return await run_in_threadpool(
+                write_event_batch, self._engine, events=events, realtime=realtime, known=self._known
+            )
+        return int(await self._submit(_Batch(events, realtime)))
+
+    def _size(self, item: _Batch) -> int:
+        return len(item.events)
+
+    def _group_limit(self) -> int:
+        return BULK_GROUP_MAX_EVENTS
+
+    def _process(self, group: list[_Pending[_Batch]]) -> None:
+        try:
+            outcomes = self._commit_with_latecomers(group)
+        except Exception:
+            # One bad batch must not fail its neighbours: each again on its own.
+            log.warning("a bulk group of %d failed; each batch is tried alone", len(group))
+            for pending in group:
+                self._commit_or_split([pending])
+            return
+        _answer(group, outcomes)
+
+    def _commit_with_latecomers(self, group: list[_Pending[_Batch]]) -> list[Any]:
+        with self._engine.begin() as conn:
+            # The group closes only once the write lock is ours: the batches that arrived
+            # while another process held it join this transaction.
+            take_sqlite_write_lock(conn.connection.dbapi_connection)  # type: ignore[arg-type]
+            self._drain(group)
+            stored, customers = self._insert(conn, [p.item for p in group])
+        self._known.remember(customers)
+        return stored
+
+    def _commit(self, items: list[_Batch]) -> list[Any]:
+        with self._engine.begin() as conn:
+            stored, customers = self._insert(conn, items)
+        self._known.remember(customers)
+        return stored
+
+    def _insert(self, conn: Connection, items: list[_Batch]) -> tuple[list[int], set[str]]:
+        """Each batch by its own statement (its own count of new events); returns the
+        counts and every customer id of the group."""
+        now = utcnow()
+        customers: set[str] = set()
+        stored = []
+        for batch in items:
+            ids = {e["customer_id"] for e in batch.events}
+            stored.append(
+                insert_events(
+                    conn,
+                    events=batch.events,
+                    now=now,
+                    realtime=batch.realtime,
+                    customers=self._known.unknown(ids) - customers,
+                )
+            )
+            customers |= ids
+        return stored, customers
+
+
+def _answer(group: list[_Pending[Any]], outcomes: list[Any]) -> None:
+    """Settle the waiting requests: one wake-up per event loop, not one per item."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], object]]]
     by_loop = defaultdict(list)
     for pending, outcome in zip(group, outcomes, strict=True):
         by_loop[pending.loop].append((pending.answer, outcome))
@@ -116,11 +237,11 @@ def _answer(group: list[_Pending], outcomes: list[bool | BaseException]) -> None
             loop.call_soon_threadsafe(_settle, answers)
 
 
-def _settle(answers: list[tuple[asyncio.Future[bool], object]]) -> None:
+def _settle(answers: list[tuple[asyncio.Future[Any], object]]) -> None:
     for answer, outcome in answers:
         if answer.done():  # the request went away meanwhile
             continue
         if isinstance(outcome, BaseException):
             answer.set_exception(outcome)
         else:
-            answer.set_result(bool(outcome))
+            answer.set_result(outcome)

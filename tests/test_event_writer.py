@@ -1,4 +1,5 @@
-"""Single events by group commit: each request learns whether its own event was new."""
+"""Group commit: each single event learns whether it was new, each bulk batch how many of
+its events were."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import text
 
-from core.events import EventIn
-from store.event_writers import EventWriter
-from store.events import insert_event_group
+from core.events import EventIn, EventRecord
+from store.event_writers import BulkWriter, EventWriter
+from store.events import KnownCustomers, insert_event_group
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -80,5 +81,68 @@ async def test_an_event_that_cannot_be_stored_fails_alone(store_engine):
     finally:
         await writer.close()
     assert outcomes[0] is True and outcomes[2] is True
+    assert isinstance(outcomes[1], Exception)
+    assert stored_ids(store_engine) == ["ok-1", "ok-2"]
+
+
+def records(*event_ids: str, customer_id: str = "c-1") -> list[EventRecord]:
+    return [
+        EventRecord(
+            event_id=event_id,
+            customer_id=customer_id,
+            name="Purchase",
+            occurred_at=datetime(2026, 11, 20, 10, 0, tzinfo=UTC),
+        )
+        for event_id in event_ids
+    ]
+
+
+async def test_concurrent_bulk_batches_each_count_their_own_new_events(store_engine):
+    writer = BulkWriter(store_engine, KnownCustomers())
+    await writer.open()
+    try:
+        counts = await asyncio.gather(
+            writer.write(records("x", "y"), realtime=True),
+            writer.write(records("y", "z", customer_id="c-2"), realtime=False),
+            writer.write(records("x"), realtime=True),
+            *(
+                writer.write(records(f"b-{i}", customer_id=f"c-{i}"), realtime=False)
+                for i in range(8)
+            ),
+        )
+    finally:
+        await writer.close()
+    # x and y go to whichever batch is stored first; the repeats count as duplicates.
+    assert sum(counts[:3]) == 3
+    assert counts[3:] == [1] * 8
+    assert stored_ids(store_engine) == sorted(["x", "y", "z"] + [f"b-{i}" for i in range(8)])
+    with store_engine.connect() as conn:
+        customers = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
+        pending = (
+            conn.execute(
+                text("SELECT event_id FROM events WHERE realtime_pending ORDER BY event_id")
+            )
+            .scalars()
+            .all()
+        )
+    assert customers == 8  # c-0 ... c-7, c-1 and c-2 among them
+    # Each batch keeps its own realtime flag inside a shared transaction.
+    assert set(pending) <= {"x", "y"} and "x" in pending
+
+
+async def test_a_bulk_batch_that_cannot_be_stored_fails_alone(store_engine):
+    broken = [{**records("broken")[0], "properties": {"not_json": object()}}]
+    writer = BulkWriter(store_engine, KnownCustomers())
+    await writer.open()
+    try:
+        outcomes = await asyncio.gather(
+            writer.write(records("ok-1"), realtime=False),
+            writer.write(broken, realtime=False),  # type: ignore[arg-type]
+            writer.write(records("ok-2", customer_id="c-2"), realtime=False),
+            return_exceptions=True,
+        )
+    finally:
+        await writer.close()
+    assert outcomes[0] == 1 and outcomes[2] == 1
     assert isinstance(outcomes[1], Exception)
     assert stored_ids(store_engine) == ["ok-1", "ok-2"]
