@@ -37,6 +37,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         # Everything loaded so far lives as long as the process: out of the collector's
         # sight, a full collection no longer walks it (measured: the p99 of single events).
         gc.freeze()
+        # A bulk batch is 20,000 dicts or more that live until it is stored: at Python's
+        # default threshold (700) they set off collection after collection, each walking
+        # the batches in flight. Measured on SQLite bulk: 21 -> 19 us of API CPU an event.
+        gc.set_threshold(50_000, 20, 20)
         try:
             yield
         finally:

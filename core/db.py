@@ -36,6 +36,10 @@ def _tune_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA cache_size=-65536")
+    # Checkpoint every 80 MB of WAL instead of 4 MB: a bulk transaction writes more than
+    # 4 MB, so each one also copied its pages into the database and synced it (measured:
+    # about 5% more bulk events a second).
+    cursor.execute("PRAGMA wal_autocheckpoint=20000")
     cursor.close()
 
 
