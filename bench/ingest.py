@@ -479,11 +479,16 @@ class CpuUse:
     api: float
     database: float
     client: float
+    # How the API's CPU split between its processes: the load generator's few keep-alive
+    # connections land on whichever process accepts them first, sometimes all on one.
+    api_shares: tuple[float, ...] = ()
 
     def per_event_us(self, events: int) -> str:
+        split = "/".join(f"{share:.0%}" for share in self.api_shares)
         return (
             f"cpu per event: api {self.api / events * 1e6:.1f} us, database"
             f" {self.database / events * 1e6:.1f} us, client {self.client / events * 1e6:.1f} us"
+            + (f"; api cpu by process {split}" if self.api_shares else "")
         )
 
     def alone_rate(self, events: int, cores: int) -> float:
@@ -538,9 +543,20 @@ class CpuMeter:
         api_after = self._api()
         for pid, seconds in self._database().items():
             db_last[pid] = max(seconds, db_last.get(pid, 0.0))
-        api = sum(v - api_before.get(pid, 0.0) for pid, v in api_after.items())
+        by_process = [v - api_before.get(pid, 0.0) for pid, v in api_after.items()]
+        api = sum(by_process)
+        shares = sorted(
+            (used / api for used in by_process if api and used / api >= 0.01), reverse=True
+        )
         database = sum(v - db_before.get(pid, 0.0) for pid, v in db_last.items())
-        out.append(CpuUse(api=api, database=database, client=own + children))
+        out.append(
+            CpuUse(
+                api=api,
+                database=database,
+                client=own + children,
+                api_shares=tuple(shares),
+            )
+        )
 
 
 def _children_cpu() -> float:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import text
 
 from core.events import EventIn, EventRecord
+from store import event_writers
 from store.event_writers import BulkWriter, EventWriter
 from store.events import KnownCustomers, insert_event_group
 
@@ -146,3 +148,30 @@ async def test_a_bulk_batch_that_cannot_be_stored_fails_alone(store_engine):
     assert outcomes[0] == 1 and outcomes[2] == 1
     assert isinstance(outcomes[1], Exception)
     assert stored_ids(store_engine) == ["ok-1", "ok-2"]
+
+
+async def _write_through_bulk_writer(engine, events: list[EventRecord]) -> None:
+    writer = BulkWriter(engine, KnownCustomers())
+    await writer.open()
+    try:
+        await writer.write(events, realtime=False)
+    finally:
+        await writer.close()
+
+
+async def test_the_sqlite_bulk_writer_checkpoints_after_enough_events(sqlite_engine, monkeypatch):
+    database = Path(sqlite_engine.url.database)
+    many = [records(f"e-{i}", customer_id=f"c-{i}")[0] for i in range(3000)]
+    with sqlite_engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = database.stat().st_size
+
+    # Below the threshold the rows stay in the WAL: the database file does not grow.
+    monkeypatch.setattr(event_writers, "BULK_CHECKPOINT_EVENTS", 10_000)
+    await _write_through_bulk_writer(sqlite_engine, many[:1500])
+    assert database.stat().st_size == before
+
+    monkeypatch.setattr(event_writers, "BULK_CHECKPOINT_EVENTS", 1000)
+    await _write_through_bulk_writer(sqlite_engine, many[1500:])
+    assert database.stat().st_size > before
+    assert len(stored_ids(sqlite_engine)) == 3000
