@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Connection, Engine
 
-from core.db import take_sqlite_write_lock
+from core.db import SQLITE_BUSY_TIMEOUT_MS, take_sqlite_write_lock
 from core.events import EventIn, EventRecord
 from core.tables import utcnow
 from store.events import KnownCustomers, insert_event_group, insert_events, write_event_batch
@@ -50,6 +50,7 @@ BULK_GROUP_MAX_EVENTS = 40_000
 # how many events it stores between two checkpoints.
 BULK_CACHE_KIB = 256 * 1024
 BULK_CHECKPOINT_EVENTS = 200_000
+CHECKPOINT_WAIT_MS = 1_000
 
 Item = TypeVar("Item")
 
@@ -204,7 +205,14 @@ class BulkWriter(_GroupWriter[_Batch]):
             return
         self._since_checkpoint = 0
         raw = self._connection.connection.dbapi_connection
-        raw.execute("PRAGMA wal_checkpoint(RESTART)")  # type: ignore[union-attr]
+        # RESTART holds new writers back while it waits for readers: a long report must
+        # not stall ingest for the whole busy timeout. Past a second it gives up; the
+        # next checkpoint tries again.
+        raw.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")  # type: ignore[union-attr]
+        try:
+            raw.execute("PRAGMA wal_checkpoint(RESTART)")  # type: ignore[union-attr]
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # type: ignore[union-attr]
 
     async def write(self, events: Sequence[EventRecord], *, realtime: bool) -> int:
         if not events:

@@ -4,6 +4,7 @@ its events were."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -175,3 +176,24 @@ async def test_the_sqlite_bulk_writer_checkpoints_after_enough_events(sqlite_eng
     await _write_through_bulk_writer(sqlite_engine, many[1500:])
     assert database.stat().st_size > before
     assert len(stored_ids(sqlite_engine)) == 3000
+
+
+async def test_a_long_reader_does_not_hold_bulk_writes_behind_a_checkpoint(
+    sqlite_engine, monkeypatch
+):
+    monkeypatch.setattr(event_writers, "BULK_CHECKPOINT_EVENTS", 1)
+    reader = sqlite3.connect(sqlite_engine.url.database)
+    writer = BulkWriter(sqlite_engine, KnownCustomers())
+    await writer.open()
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchone()  # an old snapshot, held
+        assert await writer.write(records("a"), realtime=False) == 1
+        # The checkpoint after "a" waits for that reader: a second, not the 60 s busy
+        # timeout, before the writer moves on to "b".
+        assert await asyncio.wait_for(writer.write(records("b"), realtime=False), 20) == 1
+    finally:
+        reader.rollback()
+        reader.close()
+        await writer.close()
+    assert stored_ids(sqlite_engine) == ["a", "b"]
