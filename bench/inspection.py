@@ -46,7 +46,7 @@ from typing import Any  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
-from bench.stores import bench_store  # noqa: E402
+from bench.stores import bench_store_from_args  # noqa: E402
 from store.analytics import journey_analytics  # noqa: E402
 from store.events import sqlite_time  # noqa: E402
 from store.inspection import customer_journeys  # noqa: E402
@@ -81,16 +81,6 @@ EVENT_COLUMNS = "message_id, kind, detail, occurred_at, journey_slug, version, s
 TRANSITION_COLUMNS = (
     "id, segment_slug, customer_id, kind, source, context, occurred_at, dispatched_at"
 )
-
-
-def make_store(args: argparse.Namespace) -> Engine:
-    return bench_store(
-        db=args.db,
-        url=args.url,
-        sqlite_path=args.sqlite_path,
-        schema=SCHEMA,
-        reuse=args.reuse,
-    )
 
 
 # --- generation -----------------------------------------------------------------------------
@@ -595,7 +585,7 @@ def main() -> None:
     parser.add_argument("--no-http", action="store_true")
     args = parser.parse_args()
 
-    engine = make_store(args)
+    engine = bench_store_from_args(args, schema=SCHEMA)
     rows = Rows(runs=args.runs, journeys=args.journeys, seed=args.seed)
     print(
         f"{args.db}: {args.runs:,} runs over {len(rows.slugs)} journey(s),"

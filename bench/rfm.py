@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stores import bench_store  # noqa: E402
+from bench.stores import bench_store_from_args  # noqa: E402
 from core.rfm import RfmModelCreate  # noqa: E402
 from store import rfm_models, scoring  # noqa: E402
 
@@ -46,16 +46,6 @@ SCHEMA = "bench_rfm"
 T = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 HISTORY_DAYS = 365
 MODEL = "bench"
-
-
-def make_store(args: argparse.Namespace) -> Engine:
-    return bench_store(
-        db=args.db,
-        url=args.url,
-        sqlite_path=args.sqlite_path,
-        schema=args.schema,
-        reuse=args.reuse,
-    )
 
 
 def customer_id(n: int) -> str:
@@ -315,7 +305,7 @@ def main() -> None:
     parser.add_argument("--realtime-seconds", type=float, default=15.0)
     args = parser.parse_args()
 
-    engine = make_store(args)
+    engine = bench_store_from_args(args, schema=args.schema)
     with engine.connect() as conn:
         loaded = conn.execute(text("SELECT COUNT(*) FROM customers")).scalar_one()
     if not loaded:

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stores import bench_store  # noqa: E402
+from bench.stores import bench_store_from_args  # noqa: E402
 from core.tables import UTCDateTime  # noqa: E402
 from store import segments as segment_store  # noqa: E402
 from store.events import sqlite_time  # noqa: E402
@@ -62,16 +62,6 @@ OTHER_SEGMENTS = {
 
 def pg_time(value: datetime) -> str:
     return value.isoformat()
-
-
-def make_store(args: argparse.Namespace) -> Engine:
-    return bench_store(
-        db=args.db,
-        url=args.url,
-        sqlite_path=args.sqlite_path,
-        schema=SCHEMA,
-        reuse=args.reuse,
-    )
 
 
 def generate(engine: Engine, *, customers: int, events: int, seed: int) -> None:
@@ -294,7 +284,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    engine = make_store(args)
+    engine = bench_store_from_args(args, schema=SCHEMA)
     with engine.connect() as conn:
         loaded = conn.execute(text("SELECT COUNT(*) FROM customers")).scalar_one()
     if not loaded:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from sqlalchemy import text
@@ -30,3 +31,10 @@ def bench_store(*, db: str, url: str, sqlite_path: str, schema: str, reuse: bool
         engine = make_engine(f"{url}{sep}options=-csearch_path%3D{schema}")
     migrate(engine)
     return engine
+
+
+def bench_store_from_args(args: argparse.Namespace, *, schema: str) -> Engine:
+    """bench_store from a script's --db, --url, --sqlite-path and --reuse options."""
+    return bench_store(
+        db=args.db, url=args.url, sqlite_path=args.sqlite_path, schema=schema, reuse=args.reuse
+    )
