@@ -35,7 +35,13 @@ from sqlalchemy.engine import Connection, Engine
 from core.db import SQLITE_BUSY_TIMEOUT_MS, take_sqlite_write_lock
 from core.events import EventIn, EventRecord
 from core.tables import utcnow
-from store.events import KnownCustomers, insert_event_group, insert_events, write_event_batch
+from store.events import (
+    EventBatch,
+    KnownCustomers,
+    insert_event_batches,
+    insert_event_group,
+    write_event_batch,
+)
 
 log = logging.getLogger("journeys.events")
 
@@ -154,13 +160,7 @@ class EventWriter(_GroupWriter[EventIn]):
             return list(insert_event_group(conn, events=items, now=utcnow()))
 
 
-@dataclass(frozen=True)
-class _Batch:
-    events: Sequence[EventRecord]
-    realtime: bool
-
-
-class BulkWriter(_GroupWriter[_Batch]):
+class BulkWriter(_GroupWriter[EventBatch]):
     """`await write(events, realtime=...)` -> how many events of the batch were new."""
 
     name = "bulk writer"
@@ -221,15 +221,15 @@ class BulkWriter(_GroupWriter[_Batch]):
             return await run_in_threadpool(
                 write_event_batch, self._engine, events=events, realtime=realtime, known=self._known
             )
-        return int(await self._submit(_Batch(events, realtime)))
+        return int(await self._submit(EventBatch(events, realtime)))
 
-    def _size(self, item: _Batch) -> int:
+    def _size(self, item: EventBatch) -> int:
         return len(item.events)
 
     def _group_limit(self) -> int:
         return BULK_GROUP_MAX_EVENTS
 
-    def _process(self, group: list[_Pending[_Batch]]) -> None:
+    def _process(self, group: list[_Pending[EventBatch]]) -> None:
         try:
             outcomes = self._commit_with_latecomers(group)
         except Exception:
@@ -245,41 +245,25 @@ class BulkWriter(_GroupWriter[_Batch]):
         except sqlite3.Error:
             log.warning("a checkpoint after bulk writes failed; the next one tries again")
 
-    def _commit_with_latecomers(self, group: list[_Pending[_Batch]]) -> list[Any]:
+    def _commit_with_latecomers(self, group: list[_Pending[EventBatch]]) -> list[Any]:
         with self._transaction() as conn:
             # The group closes only once the write lock is ours: the batches that arrived
             # while another process held it join this transaction.
             take_sqlite_write_lock(conn.connection.dbapi_connection)  # type: ignore[arg-type]
             self._drain(group)
-            stored, customers = self._insert(conn, [p.item for p in group])
-        self._known.remember(customers)
-        return stored
-
-    def _commit(self, items: list[_Batch]) -> list[Any]:
-        with self._transaction() as conn:
-            stored, customers = self._insert(conn, items)
-        self._known.remember(customers)
-        return stored
-
-    def _insert(self, conn: Connection, items: list[_Batch]) -> tuple[list[int], set[str]]:
-        """Each batch by its own statement (its own count of new events); returns the
-        counts and every customer id of the group."""
-        now = utcnow()
-        customers: set[str] = set()
-        stored = []
-        for batch in items:
-            ids = {e["customer_id"] for e in batch.events}
-            stored.append(
-                insert_events(
-                    conn,
-                    events=batch.events,
-                    now=now,
-                    realtime=batch.realtime,
-                    customers=self._known.unknown(ids) - customers,
-                )
+            stored, customers = insert_event_batches(
+                conn, batches=[p.item for p in group], known=self._known, now=utcnow()
             )
-            customers |= ids
-        return stored, customers
+        self._known.remember(customers)
+        return stored
+
+    def _commit(self, items: list[EventBatch]) -> list[Any]:
+        with self._transaction() as conn:
+            stored, customers = insert_event_batches(
+                conn, batches=items, known=self._known, now=utcnow()
+            )
+        self._known.remember(customers)
+        return stored
 
 
 def _answer(group: list[_Pending[Any]], outcomes: list[Any]) -> None:

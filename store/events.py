@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
@@ -134,23 +135,52 @@ class KnownCustomers:
         self._ids |= ids
 
 
+@dataclass(frozen=True)
+class EventBatch:
+    """The valid events of one bulk request, and whether they go to real-time processing."""
+
+    events: Sequence[EventRecord]
+    realtime: bool
+
+
+def insert_event_batches(
+    conn: Connection, *, batches: Sequence[EventBatch], known: KnownCustomers, now: datetime
+) -> tuple[list[int], set[str]]:
+    """Store bulk batches in the caller's transaction, a statement each, so each gets its
+    own count of new events; only customers `known` has not seen are created.
+
+    Returns the counts and every customer id of the batches, for `known.remember` once
+    the transaction has committed.
+    """
+    customers: set[str] = set()
+    stored = []
+    for batch in batches:
+        ids = {e["customer_id"] for e in batch.events}
+        stored.append(
+            insert_events(
+                conn,
+                events=batch.events,
+                now=now,
+                realtime=batch.realtime,
+                customers=known.unknown(ids) - customers,
+            )
+        )
+        customers |= ids
+    return stored, customers
+
+
 def write_event_batch(
     engine: Engine, *, events: Sequence[EventRecord], realtime: bool, known: KnownCustomers
 ) -> int:
     """Store a bulk batch in its own transaction; returns how many events were new."""
     if not events:
         return 0
-    customers = {e["customer_id"] for e in events}
     with engine.begin() as conn:
-        stored = insert_events(
-            conn,
-            events=events,
-            now=utcnow(),
-            realtime=realtime,
-            customers=known.unknown(customers),
+        stored, customers = insert_event_batches(
+            conn, batches=[EventBatch(events, realtime)], known=known, now=utcnow()
         )
     known.remember(customers)
-    return stored
+    return stored[0]
 
 
 def insert_events(
@@ -158,15 +188,13 @@ def insert_events(
     *,
     events: Sequence[EventRecord],
     now: datetime,
-    realtime: bool = True,
-    customers: set[str] | None = None,
+    realtime: bool,
+    customers: set[str],
 ) -> int:
     """Store a batch in the caller's transaction; returns how many were new (the rest were
-    repeats). `customers` are the ids to create if missing: all of the batch's by default."""
+    repeats). `customers` are the ids to create if missing."""
     if not events:
         return 0
-    if customers is None:
-        customers = {e["customer_id"] for e in events}
     if conn.dialect.name == "postgresql":
         return _copy_events_postgres(
             conn, events=events, customers=customers, now=now, realtime=realtime
