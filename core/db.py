@@ -66,8 +66,7 @@ def take_sqlite_write_lock(dbapi_connection: sqlite3.Connection) -> None:
     if dbapi_connection.in_transaction:
         return
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    dbapi_connection.execute("PRAGMA busy_timeout=0")
-    try:
+    with sqlite_busy_timeout(dbapi_connection, 0):
         while True:
             try:
                 dbapi_connection.execute("BEGIN IMMEDIATE")
@@ -76,6 +75,14 @@ def take_sqlite_write_lock(dbapi_connection: sqlite3.Connection) -> None:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.001)
+
+
+@contextmanager
+def sqlite_busy_timeout(dbapi_connection: sqlite3.Connection, milliseconds: int) -> Iterator[None]:
+    """Another busy timeout for the statements inside the block, then the usual one."""
+    dbapi_connection.execute(f"PRAGMA busy_timeout={milliseconds}")
+    try:
+        yield
     finally:
         dbapi_connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 

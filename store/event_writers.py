@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Connection, Engine
 
-from core.db import SQLITE_BUSY_TIMEOUT_MS, take_sqlite_write_lock
+from core.db import sqlite_busy_timeout, take_sqlite_write_lock
 from core.events import EventIn, EventRecord
 from core.tables import utcnow
 from store.events import (
@@ -208,11 +208,8 @@ class BulkWriter(_GroupWriter[EventBatch]):
         # RESTART holds new writers back while it waits for readers: a long report must
         # not stall ingest for the whole busy timeout. Past a second it gives up; the
         # next checkpoint tries again.
-        raw.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")  # type: ignore[union-attr]
-        try:
+        with sqlite_busy_timeout(raw, CHECKPOINT_WAIT_MS):  # type: ignore[arg-type]
             raw.execute("PRAGMA wal_checkpoint(RESTART)")  # type: ignore[union-attr]
-        finally:
-            raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # type: ignore[union-attr]
 
     async def write(self, events: Sequence[EventRecord], *, realtime: bool) -> int:
         if not events:
