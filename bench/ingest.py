@@ -199,13 +199,19 @@ class PostgresStore(Store):
 
     def create_bench_tables(self) -> None:
         with psycopg.connect(self.url, autocommit=True) as conn:
+            cache = conn.execute(
+                "SELECT cache_size FROM pg_sequences WHERE sequencename = 'events_id_seq'"
+            ).fetchone()[0]
             for table, including in (
                 ("bench_events", "INCLUDING ALL"),
                 ("bench_events_unindexed", "INCLUDING DEFAULTS"),
             ):
                 conn.execute(f"CREATE TABLE {table} (LIKE events {including})")
-                # LIKE copies the default nextval('events_id_seq'); give each its own.
-                conn.execute(f"CREATE SEQUENCE {table}_id_seq OWNED BY {table}.id")
+                # LIKE copies the default nextval('events_id_seq'); give each its own,
+                # cached as the product's is.
+                conn.execute(
+                    f"CREATE SEQUENCE {table}_id_seq CACHE {int(cache)} OWNED BY {table}.id"
+                )
                 conn.execute(
                     f"ALTER TABLE {table} ALTER COLUMN id SET DEFAULT nextval('{table}_id_seq')"
                 )

@@ -101,3 +101,31 @@ def test_bulk_events_join_their_customers_under_one_collation(store_engine):
         ).all()
     # Byte order on both databases: upper case before lower case before accents.
     assert [tuple(row) for row in joined] == [("c-B", 1), ("c-a", 2), ("c-\u00e9", 1)]
+
+
+def _event_id_cache(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT cache_size FROM pg_sequences"
+                " WHERE schemaname || '.' || sequencename = pg_get_serial_sequence('events', 'id')"
+            )
+        ).scalar_one()
+
+
+def test_event_row_ids_are_cached_on_postgres_and_the_migration_reverses(postgres_engine):
+    from alembic import command
+
+    from core.migrate import alembic_config
+
+    assert _event_id_cache(postgres_engine) == 1_000
+    config = alembic_config()
+    with postgres_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+    assert _event_id_cache(postgres_engine) == 1
+    with postgres_engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    assert _event_id_cache(postgres_engine) == 1_000
+
