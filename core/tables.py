@@ -105,9 +105,10 @@ class Customer(SQLModel, table=True):
 class Event(SQLModel, table=True):
     __tablename__ = "events"
     __table_args__ = (
-        # Scoring and event conditions read (name, customer, time) ranges.
-        Index("ix_events_name_customer_time", "name", "customer_id", "occurred_at"),
-        Index("ix_events_customer_time", "customer_id", "occurred_at"),
+        # One customer's events by name and time (real-time scoring, event conditions)
+        # or by time alone ("any event"). One index, not one per read: every event pays
+        # for each index on its way in (migration 0005).
+        Index("ix_events_customer_name_time", "customer_id", "name", "occurred_at"),
         # Only rows the real-time processor has not seen yet sit in this index.
         Index(
             "ix_events_pending",

@@ -8,7 +8,7 @@ instead of per event, on SQLite one trip through its single-writer lock.
 
 Bulk batches on SQLite: the batches waiting for the write lock go in one transaction, a
 statement each. A batch of 20,000 events sorted by customer touches most leaf pages of
-the customer indexes, and SQLite writes every page a transaction touched to its WAL (and
+the customer index, and SQLite writes every page a transaction touched to its WAL (and
 later into the database): two batches in one transaction write those pages once
 (measured: 7 instead of 14 us of system time an event). PostgreSQL logs rows, not pages,
 and writes concurrent batches in parallel, so its batches go straight to the store.
@@ -52,7 +52,7 @@ GROUP_COMMIT_MAX = 500
 # batches in flight on one process: 42,000 events/s against 48,000 at this limit).
 BULK_GROUP_MAX_EVENTS = 40_000
 
-# The SQLite bulk writer's page cache (the customer indexes of a few million events) and
+# The SQLite bulk writer's page cache (the customer index of a few million events) and
 # how many events it stores between two checkpoints.
 BULK_CACHE_KIB = 256 * 1024
 BULK_CHECKPOINT_EVENTS = 200_000
@@ -193,7 +193,7 @@ class BulkWriter(_GroupWriter[EventBatch]):
     def _checkpoint_now_and_then(self, events: int) -> None:
         """Checkpoint after every BULK_CHECKPOINT_EVENTS events stored.
 
-        Each group rewrites most leaf pages of the customer indexes, and a checkpoint
+        Each group rewrites most leaf pages of the customer index, and a checkpoint
         copies a page into the database once however many groups changed it (measured
         with four 20,000-event batches in flight: 50,000 -> 60,000 events/s). RESTART
         waits for the other writers and readers, so the next transaction starts the WAL

@@ -47,6 +47,21 @@ def test_api_processes_starting_together_share_one_bootstrap_key(tmp_path):
     assert keys == [("admin", None)]
 
 
+def _migrate(engine, revision: str) -> None:
+    """Upgrade the store to "head", or downgrade it to `revision`."""
+    from alembic import command
+
+    from core.migrate import alembic_config
+
+    config = alembic_config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        if revision == "head":
+            command.upgrade(config, "head")
+        else:
+            command.downgrade(config, revision)
+
+
 def _id_collations(engine) -> dict[tuple[str, str], str | None]:
     with engine.connect() as conn:
         rows = conn.execute(
@@ -61,22 +76,13 @@ def _id_collations(engine) -> dict[tuple[str, str], str | None]:
 
 
 def test_ids_compare_as_bytes_on_postgres_and_the_migration_reverses(postgres_engine):
-    from alembic import command
-
-    from core.migrate import alembic_config
-
     collations = _id_collations(postgres_engine)
     assert len(collations) == 10
     assert set(collations.values()) == {"C"}
 
-    config = alembic_config()
-    with postgres_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0002")
+    _migrate(postgres_engine, "0002")
     assert set(_id_collations(postgres_engine).values()) == {None}
-    with postgres_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+    _migrate(postgres_engine, "head")
     assert _id_collations(postgres_engine) == collations
 
 
@@ -114,18 +120,34 @@ def _event_id_cache(engine) -> int:
 
 
 def test_event_row_ids_are_cached_on_postgres_and_the_migration_reverses(postgres_engine):
-    from alembic import command
-
-    from core.migrate import alembic_config
-
     assert _event_id_cache(postgres_engine) == 1_000
-    config = alembic_config()
-    with postgres_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.downgrade(config, "0003")
+    _migrate(postgres_engine, "0003")
     assert _event_id_cache(postgres_engine) == 1
-    with postgres_engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+    _migrate(postgres_engine, "head")
     assert _event_id_cache(postgres_engine) == 1_000
 
+
+def _event_indexes(engine) -> dict[str, list[str]]:
+    return {
+        index["name"]: index["column_names"]
+        for index in inspect(engine).get_indexes("events")
+        if index["name"].startswith("ix_")
+    }
+
+
+def test_events_carry_one_customer_index_and_the_migration_reverses(store_engine):
+    assert _event_indexes(store_engine) == {
+        "ix_events_customer_name_time": ["customer_id", "name", "occurred_at"],
+        "ix_events_pending": ["id"],
+    }
+    _migrate(store_engine, "0004")
+    assert _event_indexes(store_engine) == {
+        "ix_events_customer_time": ["customer_id", "occurred_at"],
+        "ix_events_name_customer_time": ["name", "customer_id", "occurred_at"],
+        "ix_events_pending": ["id"],
+    }
+    _migrate(store_engine, "head")
+    assert set(_event_indexes(store_engine)) == {
+        "ix_events_customer_name_time",
+        "ix_events_pending",
+    }
