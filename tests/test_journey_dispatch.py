@@ -26,6 +26,7 @@ from tests.utils.journey_runtime import (
     client_for,
     eventually,
     journey_worker,
+    query_state,
 )
 from workflows.journey import JourneyWorkflow
 
@@ -112,7 +113,7 @@ async def test_entries_start_runs_once_and_survive_a_redispatch(
             description = await handle.describe()
 
             async def waiting(handle=handle) -> bool:
-                state: JourneyRunState = await handle.query(JourneyWorkflow.state)
+                state: JourneyRunState = await query_state(handle)
                 return state.step == "wait_click" and state.waiting_until is not None
 
             await eventually(waiting, what=f"{customer} waits for the click")
@@ -219,9 +220,11 @@ async def test_exit_transition_ends_runs_that_exit_on_segment_exit(
         assert counts.exit_signals == 1
         final = await _complete(client, customer, "leaving")
         assert final.status == "exited"
-        staying = await client.get_workflow_handle_for(
-            JourneyWorkflow.run, journey_workflow_id("champions-nurture", customer)
-        ).query(JourneyWorkflow.state)
+        staying = await query_state(
+            client.get_workflow_handle_for(
+                JourneyWorkflow.run, journey_workflow_id("champions-nurture", customer)
+            )
+        )
         assert staying.status == "running"
 
 

@@ -35,6 +35,7 @@ from tests.utils.journey_runtime import (
     eventually,
     journey_input,
     journey_worker,
+    query_state,
 )
 from workflows.journey import JourneyWorkflow
 
@@ -134,7 +135,7 @@ async def test_every_step_type_replays(time_skipping_env, sqlite_engine) -> None
             )
 
         async def at_wait(role: str) -> bool:
-            state = await handles[role].query(JourneyWorkflow.state)
+            state = await query_state(handles[role])
             return state.step == "wait" and state.waiting_until is not None
 
         for role in ("opener", "buyer", "leaver"):

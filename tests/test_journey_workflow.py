@@ -25,6 +25,7 @@ from tests.utils.journey_runtime import (
     eventually,
     journey_input,
     journey_worker,
+    query_state,
 )
 from workflows.journey import JourneyWorkflow
 
@@ -35,7 +36,7 @@ def _customer() -> str:
 
 async def _at_step(handle, step: str, waiting: bool = True) -> JourneyRunState:  # noqa: ANN001
     async def check() -> JourneyRunState | None:
-        state = await handle.query(JourneyWorkflow.state)
+        state = await query_state(handle)
         ready = state.step == step and (state.waiting_until is not None or not waiting)
         return state if ready else None
 
@@ -212,7 +213,7 @@ async def test_exit_on_segment_exit(time_skipping_env, sqlite_engine) -> None:
             SEGMENT_EXIT_SIGNAL,
             SegmentSignal(segment="default:regulars", transition_id=50, occurred_at=now),
         )
-        state = await handle.query(JourneyWorkflow.state)
+        state = await query_state(handle)
         assert state.status == "running"
         await handle.signal(
             SEGMENT_EXIT_SIGNAL,

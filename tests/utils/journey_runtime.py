@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, text
@@ -16,14 +16,14 @@ from sqlalchemy.engine import Engine
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities.dispatch import TransitionDispatcher
 from activities.runs import RunActivities
 from core.journeys import JourneyDefinition
 from core.messages import SEND_MESSAGE_ACTIVITY, SendMessageInput, SendMessageResult
-from core.runs import JourneyEntry, JourneyInput, RunIdentity, RunLine
+from core.runs import JourneyEntry, JourneyInput, JourneyRunState, RunIdentity, RunLine
 from core.tables import Customer, Segment, utcnow
 from store import runs as run_store
 from workflows.dispatch import DispatcherWorkflow
@@ -214,6 +214,19 @@ def add_segment(engine: Engine, slug: str) -> None:
                 slug=slug, name=slug, kind="external", version=1, created_at=now, updated_at=now
             )
         )
+
+
+async def query_state(handle: Any, *, attempts: int = 5) -> JourneyRunState:
+    """A run's `state` query, asked again when it times out: the test server now and then
+    lets a query sent as a run starts (seen right after a continue-as-new) run out its
+    deadline, and the next one is answered."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await handle.query(JourneyWorkflow.state, rpc_timeout=timedelta(seconds=10))
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.DEADLINE_EXCEEDED or attempt == attempts:
+                raise
+    raise AssertionError("attempts must be at least 1")
 
 
 async def eventually(check: Callable[[], Any], *, what: str, attempts: int = 400) -> Any:
