@@ -119,14 +119,19 @@ def as_utc(value: object) -> datetime:
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def test_bulk_stores_each_field_as_sent_with_times_in_utc(api):
+@pytest.mark.parametrize("how", ["bulk", "single"])
+def test_events_store_each_field_as_sent_with_times_in_utc(api, how):
     properties = {"title": "Crème brûlée ☕", "items": [{"sku": 'a"b', "qty": 2}], "big": 2**62}
     items = [
         {**EVENT, "event_id": "t-1", "occurred_at": "2026-11-20T12:30:00.250000+02:00"},
         {**EVENT, "event_id": "t-2", "customer_id": "c-new", "properties": properties},
         {k: v for k, v in EVENT.items() if k != "properties"} | {"event_id": "t-3"},
     ]
-    assert api.post("/v1/events/bulk", role="ingest", json=items).status_code == 200
+    if how == "bulk":
+        assert api.post("/v1/events/bulk", role="ingest", json=items).status_code == 200
+    else:
+        for item in items:
+            assert api.post("/v1/events", role="ingest", json=item).status_code == 201
     with api.engine.connect() as conn:
         rows = conn.execute(
             text(
