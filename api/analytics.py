@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import Path, Query
 
+from api.boundary import resource_router
 from api.deps import SessionDep, SupportKey
+from core.bounds import MAX_VERSION, Instant
 from core.errors import ErrorDetail, NotFound, ValidationFailed
 from store.analytics import JourneyAnalytics, journey_analytics, journey_exists
 
-router = APIRouter(tags=["analytics"])
+router = resource_router(tags=["analytics"])
 
 
 @router.get(
@@ -23,12 +24,12 @@ def get_journey_analytics(
     slug: Annotated[str, Path(min_length=1, max_length=200)],
     session: SessionDep,
     _: SupportKey,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
     entered_from: Annotated[
-        datetime | None, Query(alias="from", description="Runs that entered at or after.")
+        Instant | None, Query(alias="from", description="Runs that entered at or after.")
     ] = None,
     entered_to: Annotated[
-        datetime | None, Query(alias="to", description="Runs that entered before.")
+        Instant | None, Query(alias="to", description="Runs that entered before.")
     ] = None,
 ) -> JourneyAnalytics:
     """Triggered, converted, conversion rate, average days from entry to the goal event,

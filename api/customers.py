@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import Depends, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from api.boundary import resource_router
 from api.bulk import BulkResult, PartlyRejected, read_batch
 from api.deps import EngineDep, IngestKey, require_role
+from core.bounds import DataObject
 from core.errors import NotFound
 from core.events import CustomerBulkLine, CustomerIn
 from core.tables import utcnow
@@ -25,7 +27,7 @@ from store.keys import VerifiedKey
 from store.rfm_models import CustomerScore, customer_scores
 from store.runs import RunSummary, customer_runs
 
-router = APIRouter(prefix="/v1/customers", tags=["customers"])
+router = resource_router(prefix="/v1/customers", tags=["customers"])
 
 CustomerId = Annotated[str, Path(min_length=1, max_length=255)]
 ReaderKey = Annotated[VerifiedKey, Depends(require_role("support", "marketer", "ingest"))]
@@ -36,7 +38,7 @@ class CustomerPatch(BaseModel):
 
     email: EmailStr | None = None
     phone: str | None = Field(default=None, pattern=r"^\+?[0-9 ()-]{4,31}$")
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: DataObject = Field(default_factory=dict)
 
 
 class Subscription(BaseModel):

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.bounds import error_message, error_path
 from core.errors import ErrorDetail, JourneysError
 
 log = logging.getLogger("journeys.api")
@@ -51,7 +52,8 @@ def details_from_pydantic(errors: Sequence[dict[str, Any]]) -> list[ErrorDetail]
             message = f"malformed JSON: {ctx.get('error', message)}"
             out.append(ErrorDetail("malformed_json", message, "body"))
             continue
-        out.append(ErrorDetail(_code(kind), message, field_path(err.get("loc", ())) or None))
+        field = field_path(err.get("loc", ())) + error_path(err)
+        out.append(ErrorDetail(_code(kind), error_message(err), field or None))
     return out
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 from pydantic import BaseModel
 
+from api.boundary import resource_router
 from api.bulk import BulkResult, PartlyRejected, read_batch
 from api.deps import IngestKey
 from core.events import EventIn, EventRecord
 from store.event_writers import BulkWriter, EventWriter
 
-router = APIRouter(prefix="/v1/events", tags=["events"])
+router = resource_router(prefix="/v1/events", tags=["events"])
 
 
 class EventAccepted(BaseModel):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 
-router = APIRouter(tags=["health"])
+from api.boundary import resource_router
+
+router = resource_router(tags=["health"])
 
 
 class Health(BaseModel):

@@ -7,10 +7,11 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import Body, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.boundary import resource_router
 from api.deps import MarketerKey, SessionDep
 from core.errors import JourneysError
 from store.journeys import (
@@ -28,7 +29,7 @@ from store.journeys import (
     validate_definition,
 )
 
-router = APIRouter(prefix="/v1/journeys", tags=["journeys"])
+router = resource_router(prefix="/v1/journeys", tags=["journeys"])
 
 _EXAMPLE = SHIPPED_JOURNEYS_DIR / "champions.json"
 

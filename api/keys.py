@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.boundary import resource_router
 from api.deps import AdminKey, SessionDep
 from store.keys import create_key, list_keys, revoke_key
 
-router = APIRouter(prefix="/v1/keys", tags=["keys"])
+router = resource_router(prefix="/v1/keys", tags=["keys"])
 
 Role = Literal["admin", "marketer", "ingest", "support"]
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.boundary import resource_router
 from api.deps import MarketerKey, SessionDep, SettingsDep, SupportKey
+from core.cursors import MAX_POSITION
 from core.errors import Conflict, ErrorDetail, NotFound, ValidationFailed
 from core.rendering import (
     TemplateProblem,
@@ -23,8 +25,8 @@ from core.rendering import (
 from store import messages as message_store
 from store import templates as template_store
 
-outbox_router = APIRouter(prefix="/v1/outbox", tags=["messages"])
-templates_router = APIRouter(prefix="/v1/templates", tags=["templates"])
+outbox_router = resource_router(prefix="/v1/outbox", tags=["messages"])
+templates_router = resource_router(prefix="/v1/templates", tags=["templates"])
 
 TemplatePath = Annotated[
     str, Path(min_length=1, max_length=300, description="e.g. champions/welcome.html")
@@ -72,7 +74,7 @@ def list_outbox(
 ) -> OutboxPage:
     after_id: int | None = None
     if cursor:
-        if not cursor.isdigit():
+        if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > MAX_POSITION:
             raise ValidationFailed(
                 [ErrorDetail("invalid", "cursor is not one we gave out", "cursor")]
             )

@@ -9,27 +9,28 @@ model always has the schedule it says it has.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 
+from api.boundary import resource_router
 from api.deps import EngineDep, MarketerKey
 from api.schedules import sync_rfm_schedule
+from core.bounds import Instant
+from core.cursors import decode_cursor, encode_cursor
 from core.errors import ErrorDetail, JourneysError, ValidationFailed
 from core.rfm import RfmModelCreate, RfmModelPublic, RfmModelUpdate, segment_slug
 from core.tables import utcnow
 from store import rfm_models as model_store
 from store import scoring as scoring_store
 
-router = APIRouter(prefix="/v1/rfm-models", tags=["rfm"])
+router = resource_router(prefix="/v1/rfm-models", tags=["rfm"])
 
 NDJSON = "application/x-ndjson"
 EXPORT_PAGE = 10_000
@@ -52,7 +53,7 @@ class RfmModelDeleted(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    as_of: AwareDatetime | None = Field(None, description="score as of this instant (default now)")
+    as_of: Instant | None = Field(None, description="score as of this instant (default now)")
 
 
 class ScorePassPublic(BaseModel):
@@ -205,20 +206,6 @@ def score(
     )
 
 
-def _encode_cursor(customer_id: str) -> str:
-    return base64.urlsafe_b64encode(customer_id.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise ValidationFailed(
-            [ErrorDetail("invalid", "cursor is not one this API gave out", "cursor")]
-        ) from exc
-
-
 def _stream_scores(engine: Engine, slug: str) -> Iterator[bytes]:
     after: str | None = None
     while True:
@@ -251,12 +238,12 @@ def scores(
         model_store.get_model(conn, slug=slug)
         if NDJSON in accept:
             return StreamingResponse(_stream_scores(engine, slug), media_type=NDJSON)
-        after = _decode_cursor(cursor) if cursor else None
+        after = decode_cursor(cursor) if cursor else None
         rows = scoring_store.page_scores(conn, model_slug=slug, limit=limit + 1, after=after)
     page = rows[:limit]
     return ScoresPublic(
         data=[ScorePublic(**row) for row in page],
-        next_cursor=_encode_cursor(page[-1]["customer_id"]) if len(rows) > limit else None,
+        next_cursor=encode_cursor(page[-1]["customer_id"]) if len(rows) > limit else None,
     )
 
 

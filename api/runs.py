@@ -9,19 +9,20 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import Path, Query
 from pydantic import BaseModel, Field
 from temporalio.client import WorkflowExecutionStatus, WorkflowQueryRejectedError
 from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.boundary import resource_router
 from api.deps import SessionDep, SettingsDep, SupportKey, TemporalDep
 from core.errors import JourneysError, NotFound
 from core.runs import JourneyRunState
 from store.analytics import RunsPage, journey_exists, runs_by_step
 from store.inspection import InspectedRun, customer_exists, customer_journeys, temporal_ui_url
 
-router = APIRouter(tags=["runs"])
+router = resource_router(tags=["runs"])
 
 # The journey workflow's query (workflows/journey.py `JourneyWorkflow.state`).
 STATE_QUERY = "state"

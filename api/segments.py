@@ -9,30 +9,31 @@ rolled back and the answer is 503, so a stored rule segment always has its sched
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
+from api.boundary import resource_router
 from api.deps import EngineDep, IngestKey, MarketerKey, SessionDep, SupportKey
 from api.schedules import delete_segment_schedule, upsert_segment_schedule
+from core.bounds import MAX_INSTANT, MIN_INSTANT
 from core.conditions import parse_instant
+from core.cursors import MAX_POSITION, decode_cursor, encode_cursor
 from core.durations import parse_duration
 from core.errors import Conflict, ErrorDetail, JourneysError, ValidationFailed
 from core.tables import UTCDateTime, utcnow
 from store import segments as segment_store
 from store.transitions import record_transitions
 
-router = APIRouter(prefix="/v1/segments", tags=["segments"])
+router = resource_router(prefix="/v1/segments", tags=["segments"])
 
 NDJSON = "application/x-ndjson"
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_.:\-]{0,199}$"
@@ -201,19 +202,6 @@ def _conn(session: SessionDep) -> Connection:
     return session.connection()
 
 
-def _encode_cursor(customer_id: str) -> str:
-    return base64.urlsafe_b64encode(customer_id.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise ValidationFailed(
-            [ErrorDetail("invalid_value", "not a cursor this API gave", "cursor")]
-        ) from exc
-
-
 def _wants_ndjson(request: Request) -> bool:
     return NDJSON in request.headers.get("accept", "")
 
@@ -360,12 +348,12 @@ def list_members(
     segment_store.get_segment(conn, slug=slug)
     if _wants_ndjson(request):
         return StreamingResponse(_stream_members(engine, slug), media_type=NDJSON)
-    after = _decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor else None
     rows = segment_store.list_members(conn, slug=slug, limit=limit + 1, after=after)
     page = rows[:limit]
     return MembersPage(
         data=[MemberPublic(customer_id=m.customer_id, since=m.since) for m in page],
-        next_cursor=_encode_cursor(page[-1].customer_id) if len(rows) > limit else None,
+        next_cursor=encode_cursor(page[-1].customer_id) if len(rows) > limit else None,
     )
 
 
@@ -421,10 +409,13 @@ def list_transitions(
 def _parse_since(since: str | None) -> tuple[int | None, datetime | None]:
     if since is None or since == "":
         return None, None
-    if since.isdigit():
-        return int(since), None
+    if since.isascii() and since.isdigit():
+        return min(int(since), MAX_POSITION), None
     try:
-        return None, parse_instant(since.replace(" ", "+"))
+        moment = parse_instant(since.replace(" ", "+"))
+        if not MIN_INSTANT <= moment < MAX_INSTANT:
+            raise ValueError("outside 1900-01-01 to 2200-01-01")
+        return None, moment
     except ValueError as exc:
         raise ValidationFailed(
             [

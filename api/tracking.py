@@ -10,11 +10,12 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.engine import Engine
 
+from api.boundary import resource_router
 from api.deps import EngineDep, SettingsDep
 from core.db import session_scope
 from core.errors import NotFound
@@ -33,7 +34,7 @@ from store import messages as message_store
 
 log = logging.getLogger("journeys.tracking")
 
-router = APIRouter(tags=["tracking"])
+router = resource_router(tags=["tracking"])
 
 # Clicks must redirect at once even when Temporal is down: the signal gets this long.
 SIGNAL_TIMEOUT_SECONDS = 3.0

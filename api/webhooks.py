@@ -10,15 +10,24 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel
+from pydantic_core import from_json
 from sendgrid.helpers.eventwebhook import EventWebhook
 from twilio.request_validator import RequestValidator
 
+from api.boundary import resource_router
 from api.deps import EngineDep, SettingsDep
+from core.bounds import (
+    MAX_INSTANT,
+    MAX_KEY_LENGTH,
+    MIN_INSTANT,
+    JsonProblem,
+    check_json,
+    text_problem,
+)
 from core.db import session_scope
 from core.errors import Forbidden, JourneysError
 from core.settings import Settings
@@ -27,7 +36,7 @@ from store import messages as message_store
 
 log = logging.getLogger("journeys.webhooks")
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+router = resource_router(prefix="/webhooks", tags=["webhooks"])
 
 SENDGRID_SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 SENDGRID_TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
@@ -43,6 +52,7 @@ START_KEYWORDS = {"START", "UNSTOP", "YES", "OPTIN"}
 class WebhookAccepted(BaseModel):
     received: int
     recorded: int
+    set_aside: int = 0
 
 
 class BadWebhook(JourneysError):
@@ -76,9 +86,30 @@ def verify_sendgrid(settings: Settings, *, payload: str, signature: str, timesta
 
 def _event_time(event: dict[str, Any]) -> datetime:
     stamp = event.get("timestamp")
-    if isinstance(stamp, int | float):
-        return datetime.fromtimestamp(stamp, UTC)
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool):
+        try:
+            at = datetime.fromtimestamp(stamp, UTC)
+        except (ValueError, OverflowError, OSError):
+            return utcnow()
+        if MIN_INSTANT <= at < MAX_INSTANT:
+            return at
     return utcnow()
+
+
+def storable_events(events: list[Any]) -> list[dict[str, Any]]:
+    """The events within the input bounds; each other one is logged and set aside, so one
+    bad event never makes SendGrid retry (and us refuse) the whole batch."""
+    kept = []
+    for index, event in enumerate(events):
+        try:
+            if not isinstance(event, dict):
+                raise JsonProblem("", "an event is a JSON object")
+            check_json(event)
+        except JsonProblem as problem:
+            log.warning("SendGrid event %d set aside: %s", index, problem)
+            continue
+        kept.append(event)
+    return kept
 
 
 def _find_message(session: Any, key: Any, provider_message_id: str | None) -> Any:
@@ -163,13 +194,16 @@ async def sendgrid_events(
         timestamp=request.headers.get(SENDGRID_TIMESTAMP_HEADER, ""),
     )
     try:
-        events = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        events = from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
         raise BadWebhook("the event webhook body is not JSON", field="body") from exc
-    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+    if not isinstance(events, list):
         raise BadWebhook("the event webhook body is a JSON array of events", field="body")
-    recorded = await run_in_threadpool(record_sendgrid_events, engine, events)
-    return WebhookAccepted(received=len(events), recorded=recorded)
+    kept = storable_events(events)
+    recorded = await run_in_threadpool(record_sendgrid_events, engine, kept)
+    return WebhookAccepted(
+        received=len(events), recorded=recorded, set_aside=len(events) - len(kept)
+    )
 
 
 # --- Twilio -----------------------------------------------------------------------------
@@ -193,6 +227,10 @@ async def verified_twilio_form(request: Request, settings: Settings) -> dict[str
     validator = RequestValidator(settings.twilio_auth_token)
     if not validator.validate(public_request_url(settings, request), form, signature):
         raise Forbidden("X-Twilio-Signature does not match", field="signature")
+    for name, value in form.items():
+        problem = text_problem(name, max_length=MAX_KEY_LENGTH) or text_problem(value)
+        if problem:
+            raise BadWebhook(f"form field {name[:40]!r} {problem}", field=name[:40])
     return form
 
 

@@ -26,13 +26,13 @@ attributes: `email` and `phone` (strings) and `created_at` (a timestamp).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -42,7 +42,9 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from core.bounds import MAX_CONDITION_DEPTH, MAX_CONDITION_NODES, number_problem, text_problem
 from core.durations import Duration, parse_duration
 from core.errors import ErrorDetail, ValidationFailed
 
@@ -65,7 +67,7 @@ COLUMN_ATTRIBUTES: dict[str, str] = {
 
 # Path segments end up inside SQLite JSON paths (`$."a"."b"`), so quotes and path syntax
 # are kept out of them.
-_PATH_SEGMENT = re.compile(r'^[^."\\\[\]$*]+$')
+_PATH_SEGMENT = re.compile(r'^[^."\\\[\]$*\x00]{1,255}$')
 
 
 class _Strict(BaseModel):
@@ -176,6 +178,33 @@ def _kind(value: Any) -> str | None:
     return None
 
 
+def condition_size(node: Any) -> tuple[int, int]:
+    """(group depth, node count) of a parsed condition: groups are all / any / not."""
+    if isinstance(node, AllOf | AnyOf):
+        children = node.all if isinstance(node, AllOf) else node.any
+        sizes = [condition_size(child) for child in children]
+        return 1 + max(d for d, _ in sizes), 1 + sum(n for _, n in sizes)
+    if isinstance(node, NotOf):
+        depth, count = condition_size(node.not_)
+        return depth + 1, count + 1
+    return 0, 1
+
+
+def size_problem(depth: int, nodes: int) -> str | None:
+    if depth > MAX_CONDITION_DEPTH:
+        return f"groups (all, any, not) nest at most {MAX_CONDITION_DEPTH} deep"
+    if nodes > MAX_CONDITION_NODES:
+        return f"a condition has at most {MAX_CONDITION_NODES} nodes"
+    return None
+
+
+def _bounded(node: Any) -> Any:
+    problem = size_problem(*condition_size(node))
+    if problem:
+        raise PydanticCustomError("condition_size", problem)
+    return node
+
+
 Condition = Annotated[
     Annotated[AllOf, Tag("AllOf")]
     | Annotated[AnyOf, Tag("AnyOf")]
@@ -190,6 +219,7 @@ Condition = Annotated[
             "a condition is an object with one of: all, any, not, attribute, segment, event"
         ),
     ),
+    AfterValidator(_bounded),
 ]
 
 for _model in (AllOf, AnyOf, NotOf):
@@ -212,18 +242,24 @@ def attribute_path_error(path: str) -> str | None:
     for segment in path.split("."):
         if not _PATH_SEGMENT.match(segment):
             return (
-                f"{path!r} is not an attribute path: dot-separated names without "
-                '" \\ [ ] $ * or empty parts'
+                f"{path[:80]!r} is not an attribute path: dot-separated names of at most "
+                '255 characters without NUL " \\ [ ] $ * or empty parts'
             )
     return None
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and number_problem(value) is None
+    )
 
 
 def _is_scalar(value: Any) -> bool:
-    return isinstance(value, str | bool) or _is_number(value)
+    if isinstance(value, str):
+        return text_problem(value) is None
+    return isinstance(value, bool) or _is_number(value)
 
 
 def parse_instant(text: str) -> datetime:
@@ -300,6 +336,9 @@ def parse_condition(raw: Any, *, path: str = "condition") -> Condition:
     """Validate raw JSON as a condition; `ValidationFailed` lists every problem found,
     each naming the JSON path of its node (`condition.all[1].any[0].op`)."""
     errors: list[ErrorDetail] = []
+    problem = size_problem(*_raw_size(raw))
+    if problem:
+        raise ValidationFailed([ErrorDetail("too_large", problem, path)])
     _check_node(raw, path, errors)
     if errors:
         raise ValidationFailed(errors)
@@ -309,6 +348,27 @@ def parse_condition(raw: Any, *, path: str = "condition") -> Condition:
         raise ValidationFailed(
             [ErrorDetail("invalid", e["msg"], _join(path, e.get("loc", ()))) for e in exc.errors()]
         ) from exc
+
+
+def _raw_size(raw: Any, depth: int = 0) -> tuple[int, int]:
+    """(group depth, node count) of raw JSON, stopping once past the bounds."""
+    if depth > MAX_CONDITION_DEPTH or not isinstance(raw, dict):
+        return depth, 1
+    children: list[Any] = []
+    for key in ("all", "any"):
+        if isinstance(raw.get(key), list):
+            children.extend(raw[key])
+    if "not" in raw:
+        children.append(raw["not"])
+    if not children:
+        return depth, 1
+    deepest, count = depth + 1, 1
+    for child in children:
+        child_depth, child_count = _raw_size(child, depth + 1)
+        deepest, count = max(deepest, child_depth), count + child_count
+        if count > MAX_CONDITION_NODES:
+            break
+    return deepest, count
 
 
 def _join(path: str, loc: Any) -> str:

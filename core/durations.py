@@ -8,6 +8,8 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, PlainSerializer
 
+from core.bounds import MAX_DURATION
+
 _DURATION = re.compile(
     r"^P(?!$)(?:(?P<weeks>\d+(?:\.\d+)?)W)?(?:(?P<days>\d+(?:\.\d+)?)D)?"
     r"(?:T(?=\d)(?:(?P<hours>\d+(?:\.\d+)?)H)?(?:(?P<minutes>\d+(?:\.\d+)?)M)?"
@@ -15,15 +17,22 @@ _DURATION = re.compile(
 )
 
 
+_SECONDS = {"weeks": 604_800.0, "days": 86_400.0, "hours": 3_600.0, "minutes": 60.0, "seconds": 1.0}
+
+
 def parse_duration(text: str) -> timedelta:
-    """Parse an ISO 8601 duration without years or months (their length varies)."""
-    if not isinstance(text, str):
+    """Parse an ISO 8601 duration without years or months (their length varies), positive
+    and at most `MAX_DURATION`."""
+    if not isinstance(text, str) or len(text) > 64:
         raise ValueError("must be an ISO 8601 duration string such as P3D or PT5S")
     match = _DURATION.match(text.strip().upper())
     if not match:
         raise ValueError(f"{text!r} is not an ISO 8601 duration such as P3D, PT12H or PT5S")
     parts = {k: float(v) for k, v in match.groupdict().items() if v is not None}
-    value = timedelta(**parts)
+    seconds = sum(_SECONDS[unit] * amount for unit, amount in parts.items())
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text!r} is longer than the maximum, {format_duration(MAX_DURATION)}")
+    value = timedelta(seconds=seconds)
     if value <= timedelta(0):
         raise ValueError("duration must be positive")
     return value

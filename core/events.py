@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, NotRequired
+from typing import NotRequired
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError
 from typing_extensions import TypedDict
 
+from core.bounds import DataObject, Identifier, Instant, Name, error_message, error_path
 from core.errors import ErrorDetail
-
-MAX_ID = 255
-
-
-_Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
-_Name = Annotated[str, Field(min_length=1, max_length=255)]
 
 
 class EventIn(BaseModel):
@@ -21,11 +16,11 @@ class EventIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    event_id: _Id
-    customer_id: _Id
-    name: _Name
-    occurred_at: AwareDatetime
-    properties: dict[str, Any] = Field(default_factory=dict)
+    event_id: Identifier
+    customer_id: Identifier
+    name: Name
+    occurred_at: Instant
+    properties: DataObject = Field(default_factory=dict)
 
 
 class EventRecord(TypedDict):
@@ -36,11 +31,11 @@ class EventRecord(TypedDict):
 
     __pydantic_config__ = ConfigDict(extra="forbid", str_strip_whitespace=True)  # type: ignore[misc]
 
-    event_id: _Id
-    customer_id: _Id
-    name: _Name
-    occurred_at: AwareDatetime
-    properties: NotRequired[dict[str, Any]]
+    event_id: Identifier
+    customer_id: Identifier
+    name: Name
+    occurred_at: Instant
+    properties: NotRequired[DataObject]
 
 
 class CustomerIn(BaseModel):
@@ -50,11 +45,11 @@ class CustomerIn(BaseModel):
 
     email: EmailStr | None = None
     phone: str | None = Field(default=None, pattern=r"^\+?[0-9 ()-]{4,31}$")
-    attributes: dict[str, Any] = Field(default_factory=dict)
+    attributes: DataObject = Field(default_factory=dict)
 
 
 class CustomerBulkLine(CustomerIn):
-    customer_id: str = Field(min_length=1, max_length=MAX_ID)
+    customer_id: Identifier
 
 
 class LineRejection(BaseModel):
@@ -64,10 +59,10 @@ class LineRejection(BaseModel):
 
 
 def rejection_from(line: int, error: ValidationError) -> LineRejection:
-    """The first problem of a line, named by its field."""
+    """The first problem of a line, named by its field (and the JSON path inside it)."""
     first = error.errors()[0]
-    field = ".".join(str(p) for p in first.get("loc", ())) or None
-    return LineRejection(line=line, field=field, message=first.get("msg", "invalid"))
+    field = ".".join(str(p) for p in first.get("loc", ())) + error_path(first)
+    return LineRejection(line=line, field=field or None, message=error_message(first))
 
 
 def rejection_detail(rejection: LineRejection) -> ErrorDetail:

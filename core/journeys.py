@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from core.conditions import Condition
 from core.durations import Duration
@@ -122,7 +122,7 @@ class JourneyDefinition(_Strict):
     name: str = Field(min_length=1)
     trigger: Trigger
     goal: Goal | None = None
-    exit_on_segment_exit: bool = False
+    exit_on_segment_exit: StrictBool = False
     reentry: Reentry = Reentry()
     in_doubt_policy: Literal["skip", "resend"] = "skip"
     quiet_hours: QuietHours | None = None

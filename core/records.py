@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
+from pydantic_core import from_json
 
 from core.events import LineRejection, rejection_from
 
@@ -30,11 +31,13 @@ class ParsedBatch(Generic[Model]):
 
 def json_records(body: bytes) -> Iterator[tuple[int, Any]]:
     """(line number, decoded value or ValueError) from NDJSON, or items of a JSON array."""
+    # pydantic-core's parser, not orjson: orjson turns integers past 64 bits into floats,
+    # which would slip past the bounds as a different number.
     stripped = body.lstrip()
     if stripped.startswith(b"["):
         try:
-            items = orjson.loads(stripped)
-        except orjson.JSONDecodeError as exc:
+            items = from_json(stripped, allow_inf_nan=False)
+        except ValueError as exc:
             yield 1, ValueError(f"malformed JSON array: {exc}")
             return
         yield from enumerate(items, start=1)
@@ -43,8 +46,8 @@ def json_records(body: bytes) -> Iterator[tuple[int, Any]]:
         if not raw.strip():
             continue
         try:
-            yield number, orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+            yield number, from_json(raw, allow_inf_nan=False)
+        except ValueError as exc:
             yield number, ValueError(f"malformed JSON: {exc}")
 
 

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictBool,
     Tag,
     field_validator,
 )
@@ -153,7 +154,7 @@ class RfmModelDefinition(_Strict):
     targeting: Condition | None = None
     segment_map: SegmentMap = "seed5"
     schedule: Duration | None = Field(default=None, description="run a pass this often")
-    realtime: bool = False
+    realtime: StrictBool = False
 
     @field_validator("schedule")
     @classmethod

@@ -30,8 +30,6 @@ only their lines and messages.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
@@ -40,8 +38,8 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
+from core.cursors import decode_numeric_cursor, encode_cursor
 from core.durations import format_duration
-from core.errors import ErrorDetail, ValidationFailed
 from core.journeys import BranchStep, JourneyDefinition, WaitForEventStep
 from core.tables import JSONType, UTCDateTime
 from store.messages import PROVIDER_TOOK_IT
@@ -482,22 +480,13 @@ def journey_exists(conn: Connection, *, journey_slug: str) -> bool:
     return found.first() is not None
 
 
-def encode_cursor(run_pk: int) -> str:
-    return base64.urlsafe_b64encode(f"run:{run_pk}".encode()).decode().rstrip("=")
+def encode_run_cursor(run_pk: int) -> str:
+    return encode_cursor(f"run:{run_pk}")
 
 
-def decode_cursor(cursor: str) -> int:
+def decode_run_cursor(cursor: str) -> int:
     """The run position a cursor we gave out stands for; 422 for anything else."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, value = raw.partition(":")
-        if prefix != "run" or not value.isdigit():
-            raise ValueError(cursor)
-        return int(value)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise ValidationFailed(
-            [ErrorDetail("invalid", "cursor is not one we gave out", "cursor")]
-        ) from exc
+    return decode_numeric_cursor(cursor, prefix="run")
 
 
 def runs_by_step(
@@ -520,7 +509,7 @@ def runs_by_step(
         params["status"] = status
     if cursor:
         where.append("id > :after")
-        params["after"] = decode_cursor(cursor)
+        params["after"] = decode_run_cursor(cursor)
     columns = ", ".join(RunSummary.model_fields)
     rows = conn.execute(
         text(
@@ -541,5 +530,5 @@ def runs_by_step(
             RunSummary.model_validate({k: v for k, v in row._mapping.items() if k != "id"})
             for row in page
         ],
-        next_cursor=encode_cursor(page[-1].id) if len(rows) > limit else None,
+        next_cursor=encode_run_cursor(page[-1].id) if len(rows) > limit else None,
     )

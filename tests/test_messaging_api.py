@@ -348,7 +348,7 @@ async def test_signed_webhook_resolves_an_in_doubt_send(api: Api, stub: Provider
         "/webhooks/sendgrid", content=payload, headers=SIGNER.headers(payload)
     )
     assert response.status_code == 200, response.text
-    assert response.json() == {"received": 2, "recorded": 2}
+    assert response.json() == {"received": 2, "recorded": 2, "set_aside": 0}
     [row] = message_rows(api.engine)
     assert row["status"] == "delivered"
     assert _event_journeys(api.engine) == [
@@ -359,8 +359,28 @@ async def test_signed_webhook_resolves_an_in_doubt_send(api: Api, stub: Provider
     again = await api.client.post(
         "/webhooks/sendgrid", content=payload, headers=SIGNER.headers(payload)
     )
-    assert again.json() == {"received": 2, "recorded": 0}
+    assert again.json() == {"received": 2, "recorded": 0, "set_aside": 0}
     assert len(stub.of_path("/v3/mail/send")) == 1
+
+
+async def test_a_hostile_webhook_event_is_set_aside_and_the_others_recorded(
+    api: Api, stub: ProviderStub
+) -> None:
+    _sent_email(api, stub)
+    key = "journey:champions:c-1:run-1:welcome"
+    good = json.loads(_sendgrid_events(key, "delivered"))
+    hostile = [
+        {**good[0], "sg_event_id": "ev-far", "event": "open", "timestamp": 1e300},
+        {**good[0], "sg_event_id": "ev-nul", "event": "open", "reason": "a\x00b"},
+        {**good[0], "sg_event_id": "ev-big", "event": "open", "attempt": 2**70},
+    ]
+    payload = json.dumps([*hostile, *good]).encode()
+    response = await api.client.post(
+        "/webhooks/sendgrid", content=payload, headers=SIGNER.headers(payload)
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"received": 4, "recorded": 2, "set_aside": 2}
+    assert message_rows(api.engine)[0]["status"] == "delivered"
 
 
 async def test_unsigned_mis_signed_or_stale_webhooks_are_403_and_change_nothing(

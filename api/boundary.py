@@ -1,0 +1,121 @@
+"""The one gate every request passes: JSON bodies, path and query parameters within bounds.
+
+Every router is a `resource_router`, whose routes parse a JSON body once (pydantic-core's
+parser, which refuses NaN and lone surrogates) and hold the whole document to
+`core.bounds` before FastAPI validates it against the route's model. What fails answers
+422 naming the JSON path (or 400 for text that is not JSON) before any handler runs, so a
+refused request can have stored nothing. Bulk bodies are read by their handlers and
+checked line by line (`core.records`), so one bad line never refuses the others.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
+from pydantic_core import from_json
+
+from core.bounds import MAX_QUERY_LENGTH, JsonProblem, check_json, text_problem
+from core.errors import ErrorDetail, JourneysError, ValidationFailed
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class MalformedJson(JourneysError):
+    status_code = 400
+    code = "malformed_json"
+
+
+def json_field(prefix: str, path: str) -> str:
+    """`body` + `.a.b[2]` -> `a.b[2]`: fields are named from the body's root."""
+    joined = f"{prefix}{path}" if prefix else path
+    return joined.lstrip(".") or "body"
+
+
+def parse_json_document(body: bytes, *, field_prefix: str = "") -> Any:
+    """The decoded document, held to `core.bounds`; `ValidationFailed` / `MalformedJson`."""
+    try:
+        value = from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise _located_problem(body, field_prefix) or MalformedJson(
+            f"malformed JSON: {exc}", field="body"
+        ) from None
+    try:
+        check_json(value)
+    except JsonProblem as problem:
+        raise _refusal(problem, field_prefix) from None
+    return value
+
+
+def _located_problem(body: bytes, field_prefix: str) -> JourneysError | None:
+    # pydantic-core says where in the text it stopped; Python's lenient parser takes NaN,
+    # lone surrogates and any depth, so the walk can name the JSON path instead.
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        return ValidationFailed(
+            [ErrorDetail("too_deep", "nested too deeply", json_field(field_prefix, ""))]
+        )
+    except ValueError:
+        return None
+    try:
+        check_json(value)
+    except JsonProblem as problem:
+        return _refusal(problem, field_prefix)
+    return None
+
+
+def _refusal(problem: JsonProblem, field_prefix: str) -> ValidationFailed:
+    return ValidationFailed(
+        [ErrorDetail("out_of_bounds", problem.message, json_field(field_prefix, problem.path))]
+    )
+
+
+def _is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return content_type in ("", "application/json") or content_type.endswith("+json")
+
+
+def _parameter_problems(request: Request) -> list[ErrorDetail]:
+    problems = []
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+        if isinstance(value, str):
+            problem = text_problem(value, max_length=MAX_QUERY_LENGTH)
+            if problem:
+                problems.append(ErrorDetail("out_of_bounds", f"{name} {problem}", name))
+    return problems
+
+
+class BoundedRoute(APIRoute):
+    """An APIRoute whose parameters and JSON body pass `core.bounds` before the handler."""
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+        reads_json = self.body_field is not None and not _is_form(self)
+
+        async def bounded(request: Request) -> Response:
+            problems = _parameter_problems(request)
+            if problems:
+                raise ValidationFailed(problems)
+            if reads_json and _is_json(request):
+                body = await request.body()
+                if body:
+                    # Starlette keeps the decoded body here; FastAPI reads it, not the bytes.
+                    request._json = parse_json_document(body)
+            return await handler(request)
+
+        return bounded
+
+
+def _is_form(route: APIRoute) -> bool:
+    from fastapi.params import Form
+
+    return isinstance(getattr(route.body_field, "field_info", None), Form)
+
+
+def resource_router(**kwargs: Any) -> APIRouter:
+    """The APIRouter every resource uses: its routes are `BoundedRoute`s."""
+    return APIRouter(route_class=BoundedRoute, **kwargs)
