@@ -325,6 +325,7 @@ def segments_evaluate(
     from datetime import UTC, datetime
 
     from core.errors import JourneysError
+    from store.failures import FailureRecord
     from store.segments import evaluate_dependents, evaluate_segment
 
     engine = migrated_engine()
@@ -339,7 +340,10 @@ def segments_evaluate(
         finish(1)
     console.print(f"{slug}: {diff.entries:,} entries, {diff.exits:,} exits")
     for dependent, change in dependents.items():
-        console.print(f"  then {dependent}: {change.entries:,} entries, {change.exits:,} exits")
+        if isinstance(change, FailureRecord):
+            console.print(f"  then {dependent}: [red]set aside[/red]: {change.error}")
+        else:
+            console.print(f"  then {dependent}: {change.entries:,} entries, {change.exits:,} exits")
     console.print(f"done in {(time.monotonic() - started) * 1000:,.0f} ms")
     finish(0)
 

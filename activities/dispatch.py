@@ -49,6 +49,7 @@ from core.tables import UTCDateTime, utcnow
 from store import journeys as journey_store
 from store import runs as run_store
 from store import transitions as transition_store
+from store.failures import FailureSubject, record_failure
 from store.runs import RunSummary
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,21 @@ class _CustomerOutcome:
     done_ids: list[int] = field(default_factory=list)
     started: list[RunIdentity] = field(default_factory=list)
     counts: DispatchCounts = field(default_factory=DispatchCounts)
+    set_aside: list[_SetAside] = field(default_factory=list)
+
+
+@dataclass
+class _SetAside:
+    """A transition or journey that failed here: recorded, and the others go on."""
+
+    subject: FailureSubject
+    error: BaseException
+
+
+def _set_aside(subject: FailureSubject, error: BaseException, counts: DispatchCounts) -> _SetAside:
+    log.error("%s %s set aside by the dispatcher: %s", subject.kind, subject.key, error)
+    counts.failed += 1
+    return _SetAside(subject, error)
 
 
 def reentry_allows(definition: JourneyDefinition, last: RunSummary | None, now: datetime) -> bool:
@@ -139,7 +155,7 @@ class TransitionDispatcher:
 
     async def dispatch_once(self, *, limit: int = 500) -> DispatchCounts:
         """Dispatch up to `limit` of the oldest undispatched transitions."""
-        plans, counts = await asyncio.to_thread(self._plan, limit)
+        plans, counts, planning_failures = await asyncio.to_thread(self._plan, limit)
         if not plans:
             return counts
         gate = asyncio.Semaphore(self.concurrency)
@@ -151,19 +167,21 @@ class TransitionDispatcher:
         outcomes = await asyncio.gather(*(one(plan) for plan in plans.values()))
         done_ids = [i for outcome in outcomes for i in outcome.done_ids]
         started = [run for outcome in outcomes for run in outcome.started]
+        set_aside = planning_failures + [s for o in outcomes for s in o.set_aside]
         for outcome in outcomes:
             counts.add(outcome.counts)
         counts.transitions = len(done_ids)
-        await asyncio.to_thread(self._settle, started, done_ids)
+        await asyncio.to_thread(self._settle, started, done_ids, set_aside)
         return counts
 
-    def _plan(self, limit: int) -> tuple[dict[str, _CustomerPlan], DispatchCounts]:
+    def _plan(self, limit: int) -> tuple[dict[str, _CustomerPlan], DispatchCounts, list[_SetAside]]:
         counts = DispatchCounts()
+        set_aside: list[_SetAside] = []
         now = self.clock()
         with self.engine.connect() as conn:
             rows = [_normalise(r) for r in transition_store.fetch_undispatched(conn, limit=limit)]
             if not rows:
-                return {}, counts
+                return {}, counts, set_aside
             entered = [r for r in rows if r["kind"] == "entered"]
             exited = [r for r in rows if r["kind"] != "entered"]
             journeys = {
@@ -185,40 +203,65 @@ class TransitionDispatcher:
         for row in rows:
             plan = plans.setdefault(row["customer_id"], _CustomerPlan())
             plan.transition_ids.append(row["id"])
-            signal = SegmentSignal(
-                segment=row["segment_slug"],
-                transition_id=row["id"],
-                occurred_at=row["occurred_at"],
-                context=row["context"] or {},
-            )
-            actions: list[_Start | _ExitSignal] = plan.actions.setdefault(row["id"], [])
-            if row["kind"] == "entered":
-                for journey in journeys.get(row["segment_slug"], []):
-                    key = (journey.slug, row["customer_id"])
-                    if not reentry_allows(journey.definition, last.get(key), now):
-                        counts.skipped += 1
-                        continue
-                    actions.append(self._start(row, journey, signal))
-                    # A second entry in this same batch meets this run, not the old one.
-                    last[key] = RunSummary(
-                        workflow_id=journey_workflow_id(journey.slug, row["customer_id"]),
-                        run_id="",
-                        journey_slug=journey.slug,
-                        version=journey.version,
-                        customer_id=row["customer_id"],
-                        status="running",
-                        entered_at=row["occurred_at"],
-                    )
-            else:
-                for run, definition in running:
-                    if run.customer_id != row["customer_id"] or not definition:
-                        continue
-                    wants_exit = definition.get("exit_on_segment_exit") and (
-                        (definition.get("trigger") or {}).get("segment") == row["segment_slug"]
-                    )
-                    if wants_exit:
-                        actions.append(_ExitSignal(row["id"], run.workflow_id, signal))
-        return plans, counts
+            try:
+                self._plan_row(row, plan, journeys, last, running, counts, now, set_aside)
+            except Exception as exc:  # noqa: BLE001 - set aside: its plan stays empty, so done
+                plan.actions[row["id"]] = []
+                subject = FailureSubject("transition", str(row["id"]), "dispatch")
+                set_aside.append(_set_aside(subject, exc, counts))
+        return plans, counts, set_aside
+
+    def _plan_row(
+        self,
+        row: dict[str, Any],
+        plan: _CustomerPlan,
+        journeys: dict[str, list[Any]],
+        last: dict[tuple[str, str], RunSummary],
+        running: list[tuple[RunSummary, dict[str, Any] | None]],
+        counts: DispatchCounts,
+        now: datetime,
+        set_aside: list[_SetAside],
+    ) -> None:
+        signal = SegmentSignal(
+            segment=row["segment_slug"],
+            transition_id=row["id"],
+            occurred_at=row["occurred_at"],
+            context=row["context"] or {},
+        )
+        actions: list[_Start | _ExitSignal] = plan.actions.setdefault(row["id"], [])
+        if row["kind"] == "entered":
+            for journey in journeys.get(row["segment_slug"], []):
+                key = (journey.slug, row["customer_id"])
+                try:
+                    allowed = reentry_allows(journey.definition, last.get(key), now)
+                    start = self._start(row, journey, signal) if allowed else None
+                except Exception as exc:  # noqa: BLE001 - this journey only, not the entry
+                    subject = FailureSubject("journey", journey.slug, "dispatch")
+                    set_aside.append(_set_aside(subject, exc, counts))
+                    continue
+                if start is None:
+                    counts.skipped += 1
+                    continue
+                actions.append(start)
+                # A second entry in this same batch meets this run, not the old one.
+                last[key] = RunSummary(
+                    workflow_id=journey_workflow_id(journey.slug, row["customer_id"]),
+                    run_id="",
+                    journey_slug=journey.slug,
+                    version=journey.version,
+                    customer_id=row["customer_id"],
+                    status="running",
+                    entered_at=row["occurred_at"],
+                )
+        else:
+            for run, definition in running:
+                if run.customer_id != row["customer_id"] or not definition:
+                    continue
+                wants_exit = definition.get("exit_on_segment_exit") and (
+                    (definition.get("trigger") or {}).get("segment") == row["segment_slug"]
+                )
+                if wants_exit:
+                    actions.append(_ExitSignal(row["id"], run.workflow_id, signal))
 
     def _start(self, row: Mapping[str, Any], journey: Any, signal: SegmentSignal) -> _Start:
         definition = journey.definition
@@ -273,6 +316,9 @@ class TransitionDispatcher:
                 log.warning("transition %s not dispatched yet: %s", transition_id, err)
                 # Later transitions of this customer wait, to keep their order.
                 break
+            except Exception as exc:  # noqa: BLE001 - not Temporal's answer: set it aside
+                subject = FailureSubject("transition", str(transition_id), "dispatch")
+                outcome.set_aside.append(_set_aside(subject, exc, outcome.counts))
             outcome.done_ids.append(transition_id)
         return outcome
 
@@ -315,10 +361,15 @@ class TransitionDispatcher:
             )
         )
 
-    def _settle(self, started: Sequence[RunIdentity], done_ids: Sequence[int]) -> None:
+    def _settle(
+        self, started: Sequence[RunIdentity], done_ids: Sequence[int], set_aside: list[_SetAside]
+    ) -> None:
+        now = utcnow()
         with self.engine.begin() as conn:
             run_store.ensure_runs(conn, identities=started)
-            transition_store.mark_dispatched(conn, ids=done_ids, now=utcnow())
+            transition_store.mark_dispatched(conn, ids=done_ids, now=now)
+            for failure in set_aside:
+                record_failure(conn, subject=failure.subject, error=failure.error, now=now)
 
     # --- the activity --------------------------------------------------------------
 

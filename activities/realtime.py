@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,6 +22,7 @@ from core.settings import Settings
 from core.tables import utcnow
 from store.customers import claim_pending_customers
 from store.events import claim_pending_events
+from store.failures import FailureSubject, clear_failures, due_keys, record_failure
 
 log = logging.getLogger("journeys.realtime")
 
@@ -57,15 +59,56 @@ class RealtimeActivities:
         self.event_sink = event_sink
 
     def process_batch(self, batch_size: int) -> tuple[list[dict[str, Any]], list[str]]:
-        """Claim a batch and apply every customer step to it, all in one transaction."""
+        """Claim a batch and apply every customer step to it, all in one transaction.
+
+        Customers set aside earlier join the batch once their retry time has come. If the
+        batch fails as a whole, each customer is tried alone, and one that still fails is
+        set aside with its error: the rest of the batch is processed and the claim kept.
+        """
+        now = utcnow()
         with self.engine.begin() as conn:
             events = claim_pending_events(conn, limit=batch_size)
             changed = claim_pending_customers(conn, limit=batch_size)
-            customer_ids = sorted({e["customer_id"] for e in events} | set(changed))
+            retried = due_keys(
+                conn, kind="customer", stage="realtime", now=now, limit=max(1, batch_size // 10)
+            )
+            customer_ids = sorted({e["customer_id"] for e in events} | set(changed) | set(retried))
             if customer_ids:
+                self._apply_steps(conn, customer_ids, retried=retried, now=now)
+        return events, customer_ids
+
+    def _apply_steps(
+        self, conn: Connection, customer_ids: list[str], *, retried: list[str], now: datetime
+    ) -> None:
+        try:
+            with conn.begin_nested():
                 for step in self.customer_steps:
                     step(conn, customer_ids)
-        return events, customer_ids
+        except Exception:  # noqa: BLE001 - any failure: find whose it is
+            log.warning("a real-time batch of %d customers failed; trying each", len(customer_ids))
+        else:
+            clear_failures(conn, kind="customer", stage="realtime", keys=retried)
+            return
+        for customer_id in customer_ids:
+            try:
+                with conn.begin_nested():
+                    for step in self.customer_steps:
+                        step(conn, [customer_id])
+            except Exception as exc:  # noqa: BLE001 - set aside, never stop the others
+                failure = record_failure(
+                    conn,
+                    subject=FailureSubject("customer", customer_id, "realtime"),
+                    error=exc,
+                    now=now,
+                )
+                log.error(
+                    "customer %r set aside by real-time processing (attempt %d): %s",
+                    customer_id,
+                    failure.attempts,
+                    failure.error,
+                )
+            else:
+                clear_failures(conn, kind="customer", stage="realtime", keys=[customer_id])
 
     @activity.defn(name=PROCESS_REALTIME_ACTIVITY)
     async def process_realtime(self, request: RealtimeInput) -> RealtimeResult:

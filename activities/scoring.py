@@ -13,6 +13,7 @@ from temporalio.exceptions import ApplicationError
 from core.errors import NotFound
 from core.rfm import RUN_RFM_PASS_ACTIVITY, RfmPassSummary, RfmScoringInput
 from core.settings import Settings
+from store.failures import FailureSubject, clear_failures, record_failure
 from store.scoring import score_model
 
 log = logging.getLogger("journeys.scoring")
@@ -33,10 +34,20 @@ class ScoringActivities:
         def progress(done: int, total: int, next_step: str) -> None:
             step[0] = f"{done}/{total} {next_step}"
 
-        with self.engine.begin() as conn:
-            result = score_model(
-                conn, model_slug=request.model_slug, as_of=as_of, progress=progress
-            )
+        subject = FailureSubject("rfm_model", request.model_slug, "rfm_pass")
+        try:
+            with self.engine.begin() as conn:
+                result = score_model(
+                    conn, model_slug=request.model_slug, as_of=as_of, progress=progress
+                )
+                clear_failures(conn, kind="rfm_model", stage="rfm_pass", keys=[subject.key])
+        except NotFound:
+            raise
+        except Exception as exc:
+            # Shown to admins and on the model; Temporal's retry policy tries again later.
+            with self.engine.begin() as conn:
+                record_failure(conn, subject=subject, error=exc, now=datetime.now(UTC))
+            raise
         return RfmPassSummary(
             pass_id=result.pass_id,
             model_slug=result.model_slug,

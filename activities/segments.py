@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 
 from core.errors import NotFound
 from store import segments as segment_store
+from store.failures import FailureSubject, clear_failures, record_failure
 
 log = logging.getLogger("journeys.segments")
 
@@ -74,13 +75,31 @@ class SegmentActivities:
         passes = []
         for slug in slugs:
             activity.heartbeat(slug)
-            passes.append(self._evaluate_one(slug, now))
+            done = self._evaluate_one(slug, now)
+            if done is not None:
+                passes.append(done)
+            elif slug == request.slug:
+                # The schedule's own segment failed (it is set aside with its error):
+                # Temporal's retry policy tries it again with backoff.
+                raise ApplicationError(f"segment {slug!r} could not be evaluated; see failures")
         return EvaluateSegmentsResult(passes=passes)
 
-    def _evaluate_one(self, slug: str, now: datetime) -> SegmentPassResult:
+    def _evaluate_one(self, slug: str, now: datetime) -> SegmentPassResult | None:
+        """One segment's pass in its own transaction; a failure is set aside, not raised,
+        so the segments after it (its dependents, the other due ones) still run."""
         started = time.monotonic()
-        with self.engine.begin() as conn:
-            diff = segment_store.evaluate_segment(conn, slug=slug, now=now)
+        subject = FailureSubject("segment", slug, "segment_pass")
+        try:
+            with self.engine.begin() as conn:
+                diff = segment_store.evaluate_segment(conn, slug=slug, now=now)
+                clear_failures(conn, kind="segment", stage="segment_pass", keys=[slug])
+        except Exception as exc:  # noqa: BLE001 - set aside, never stop the others
+            with self.engine.begin() as conn:
+                failure = record_failure(conn, subject=subject, error=exc, now=datetime.now(UTC))
+            log.error(
+                "segment %s set aside (attempt %d): %s", slug, failure.attempts, failure.error
+            )
+            return None
         return SegmentPassResult(
             slug=slug,
             entries=diff.entries,

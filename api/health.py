@@ -1,14 +1,26 @@
-"""Liveness and readiness."""
+"""Liveness, readiness, and the records background work set aside."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
+from typing import Annotated, Literal
 
-from fastapi import Request, Response
-from pydantic import BaseModel
+from fastapi import Depends, Query, Request, Response
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from api.boundary import resource_router
+from api.deps import SessionDep, require_role
+from core.cursors import decode_numeric_cursor, encode_cursor
+from store import failures as failure_store
+from store.keys import VerifiedKey
+
+FailureReader = Annotated[VerifiedKey, Depends(require_role("support"))]
+FailureKindQuery = Annotated[
+    Literal["customer", "segment", "rfm_model", "journey", "transition", "message"] | None,
+    Query(description="only failures of this kind"),
+]
 
 router = resource_router(tags=["health"])
 
@@ -56,3 +68,46 @@ async def readyz(request: Request, response: Response) -> Readiness:
     if not ready:
         response.status_code = 503
     return Readiness(status="ready" if ready else "not ready", database=database, temporal=temporal)
+
+
+class FailurePublic(BaseModel):
+    id: int
+    kind: str = Field(description="customer | segment | rfm_model | journey | transition")
+    key: str = Field(description="the record's id or slug")
+    stage: str = Field(description="realtime | segment_pass | rfm_pass | dispatch")
+    error: str
+    attempts: int
+    first_failed_at: datetime
+    last_failed_at: datetime
+    next_attempt_at: datetime = Field(description="when the stage tries it again")
+
+
+class FailuresPage(BaseModel):
+    data: list[FailurePublic]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page")
+
+
+@router.get(
+    "/v1/health/failures",
+    response_model=FailuresPage,
+    summary="Records set aside by background work, with their errors",
+)
+def list_failures(
+    session: SessionDep,
+    _: FailureReader,
+    kind: FailureKindQuery = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = None,
+) -> FailuresPage:
+    """Every customer, segment, model, journey or transition that real-time processing, a
+    scheduled pass or the dispatcher could not process: each was set aside so the others
+    kept flowing, and is tried again with backoff until it goes through."""
+    after = decode_numeric_cursor(cursor, prefix="failure") if cursor else None
+    rows = failure_store.list_failures(
+        session.connection(), kind=kind, limit=limit + 1, after_id=after
+    )
+    page = rows[:limit]
+    return FailuresPage(
+        data=[FailurePublic(**vars(row)) for row in page],
+        next_cursor=encode_cursor(f"failure:{page[-1].id}") if len(rows) > limit else None,
+    )

@@ -31,7 +31,8 @@ from core.durations import parse_duration
 from core.errors import Conflict, ErrorDetail, JourneysError, ValidationFailed
 from core.tables import UTCDateTime, utcnow
 from store import segments as segment_store
-from store.transitions import record_transitions
+from store.failures import FailureRecord, errors_by_key, forget_record
+from store.transitions import MembershipDiff, record_transitions
 
 router = resource_router(prefix="/v1/segments", tags=["segments"])
 
@@ -81,6 +82,10 @@ class SegmentPublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     evaluated_at: datetime | None
+    status: Literal["ok", "failing"] = Field(
+        description="failing: set aside by real-time or scheduled evaluation (see error)"
+    )
+    error: str | None = Field(description="why it is failing; retried with backoff")
 
 
 class SegmentsPublic(BaseModel):
@@ -101,6 +106,13 @@ class SegmentPassPublic(BaseModel):
     slug: str
     entries: int
     exits: int
+    error: str | None = Field(
+        default=None, description="why this segment was set aside instead of evaluated"
+    )
+
+
+class EvaluationFailed(Conflict):
+    code = "evaluation_failed"
 
 
 class EvaluationPublic(BaseModel):
@@ -153,11 +165,14 @@ class MembershipChangePublic(BaseModel):
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _public(segment: segment_store.SegmentRecord) -> SegmentPublic:
+def _public(segment: segment_store.SegmentRecord, errors: dict[str, str]) -> SegmentPublic:
     owner = {"rule": "journeys", "external": "external"}.get(
         segment.kind, f"rfm-model:{segment.model_slug}"
     )
+    error = errors.get(segment.slug)
     return SegmentPublic(
+        status="failing" if error else "ok",
+        error=error,
         slug=segment.slug,
         name=segment.name,
         kind=segment.kind,
@@ -253,12 +268,14 @@ async def create_segment(
     )
     if kind == "rule":
         await _schedules(request, segment.slug, every=segment.schedule)
-    return _public(segment)
+    return _public(segment, {})
 
 
 @router.get("", response_model=SegmentsPublic, summary="List segments")
 def list_segments(session: SessionDep, _: SupportKey) -> SegmentsPublic:
-    return SegmentsPublic(data=[_public(s) for s in segment_store.list_segments(_conn(session))])
+    conn = _conn(session)
+    errors = errors_by_key(conn, kind="segment")
+    return SegmentsPublic(data=[_public(s, errors) for s in segment_store.list_segments(conn)])
 
 
 @router.post(
@@ -273,7 +290,8 @@ def preview_segment(body: PreviewRequest, session: SessionDep, _: MarketerKey) -
 
 @router.get("/{slug}", response_model=SegmentPublic, summary="One segment")
 def get_segment(slug: str, session: SessionDep, _: SupportKey) -> SegmentPublic:
-    return _public(segment_store.get_segment(_conn(session), slug=slug))
+    conn = _conn(session)
+    return _public(segment_store.get_segment(conn, slug=slug), errors_by_key(conn, kind="segment"))
 
 
 @router.put("/{slug}", response_model=SegmentPublic, summary="Replace a segment's definition")
@@ -288,9 +306,10 @@ async def update_segment(
         schedule=body.schedule,
         now=utcnow(),
     )
+    forget_record(_conn(session), kind="segment", key=slug)  # a new definition starts afresh
     if segment.kind == "rule":
         await _schedules(request, slug, every=segment.schedule)
-    return _public(segment)
+    return _public(segment, {})
 
 
 @router.delete("/{slug}", status_code=204, response_class=Response, summary="Delete a segment")
@@ -300,6 +319,7 @@ async def delete_segment(
     conn = _conn(session)
     kind = segment_store.get_segment(conn, slug=slug).kind
     segment_store.delete_segment(conn, slug=slug)
+    forget_record(conn, kind="segment", key=slug)
     if kind == "rule":
         await _schedules(request, slug, every=None, delete=True)
     return Response(status_code=204)
@@ -312,18 +332,27 @@ def evaluate_segment(slug: str, session: SessionDep, _: MarketerKey) -> Evaluati
     conn = _conn(session)
     now = utcnow()
     started = time.monotonic()
-    diff = segment_store.evaluate_segment(conn, slug=slug, now=now)
+    diff = segment_store.evaluate_set_aside_on_failure(conn, slug=slug, now=now)
+    if isinstance(diff, FailureRecord):
+        session.commit()  # the failure stays recorded although the request fails
+        raise EvaluationFailed(
+            f"segment {slug!r} could not be evaluated and is set aside: {diff.error}",
+            field="slug",
+        )
     dependents = segment_store.evaluate_dependents(conn, segment_slugs=[slug], now=now)
     return EvaluationPublic(
         slug=slug,
         entries=diff.entries,
         exits=diff.exits,
         duration_ms=int((time.monotonic() - started) * 1000),
-        dependents=[
-            SegmentPassPublic(slug=s, entries=d.entries, exits=d.exits)
-            for s, d in dependents.items()
-        ],
+        dependents=[_pass_public(s, d) for s, d in dependents.items()],
     )
+
+
+def _pass_public(slug: str, done: MembershipDiff | FailureRecord) -> SegmentPassPublic:
+    if isinstance(done, FailureRecord):
+        return SegmentPassPublic(slug=slug, entries=0, exits=0, error=done.error)
+    return SegmentPassPublic(slug=slug, entries=done.entries, exits=done.exits)
 
 
 @router.get(

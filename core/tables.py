@@ -451,3 +451,30 @@ class Suppression(SQLModel, table=True):
     channel: str = Field(sa_column=Column(String(10), nullable=False))
     reason: str = Field(sa_column=Column(String(40), nullable=False))
     created_at: datetime = _now_ts()
+
+
+# --- quarantine ---------------------------------------------------------------------------
+
+
+class Failure(SQLModel, table=True):
+    """A record background work could not process, set aside so the others go on.
+
+    One row per (kind, key, stage): `attempts` counts the failures, `next_attempt_at` is
+    when the stage may try it again (exponential backoff); a success deletes the row.
+    """
+
+    __tablename__ = "failures"
+    __table_args__ = (
+        UniqueConstraint("kind", "key", "stage", name="uq_failures_subject"),
+        Index("ix_failures_stage_next", "stage", "kind", "next_attempt_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True))
+    kind: str = Field(sa_column=Column(String(20), nullable=False))
+    key: str = Field(sa_column=Column(String(500), nullable=False))
+    stage: str = Field(sa_column=Column(String(40), nullable=False))
+    error: str = Field(sa_column=Column(Text, nullable=False))
+    attempts: int = Field(sa_column=Column(Integer, nullable=False))
+    first_failed_at: datetime = _now_ts()
+    last_failed_at: datetime = _now_ts()
+    next_attempt_at: datetime = _now_ts()

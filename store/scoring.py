@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection
 from core.errors import NotFound
 from core.rfm import SegmentRule, label_for, segment_slug
 from core.tables import RfmModel, RfmPass, UTCDateTime
+from store.failures import FailureSubject, clear_failures, failing_keys, record_failure
 from store.rfm_models import StoredModel, get_model, stored_model
 from store.transitions import MembershipDiff, apply_membership
 
@@ -662,10 +663,39 @@ def rescore_customers(conn: Connection, *, customer_ids: Sequence[str], now: dat
     ids = sorted(set(customer_ids))
     if not ids:
         return 0
+    failing = failing_keys(conn, kind="rfm_model", stage="realtime")
     changed = 0
     for model, last_pass in _realtime_models(conn):
-        changed += _rescore_model(conn, model=model, last_pass=last_pass, customer_ids=ids, now=now)
+        if failing.get(model.slug, now) > now:
+            continue  # set aside: it waits for its retry time, the other models go on
+        try:
+            with conn.begin_nested():
+                changed += _rescore_model(
+                    conn, model=model, last_pass=last_pass, customer_ids=ids, now=now
+                )
+        except Exception:  # noqa: BLE001 - the model's own failure, or the customers'?
+            if _rescores_no_customer(conn, model=model, last_pass=last_pass, now=now):
+                raise  # the customers' data: the caller finds the customer
+            continue
+        if model.slug in failing:
+            clear_failures(conn, kind="rfm_model", stage="realtime", keys=[model.slug])
     return changed
+
+
+def _rescores_no_customer(
+    conn: Connection, *, model: StoredModel, last_pass: dict[str, Any], now: datetime
+) -> bool:
+    """Whether the model's real-time rescoring runs at all; one that does not is set aside."""
+    try:
+        with conn.begin_nested():
+            # No customer has an empty id: the model's SQL runs on nobody's data.
+            _rescore_model(conn, model=model, last_pass=last_pass, customer_ids=[""], now=now)
+        return True
+    except Exception as exc:  # noqa: BLE001 - the model is the poison
+        record_failure(
+            conn, subject=FailureSubject("rfm_model", model.slug, "realtime"), error=exc, now=now
+        )
+        return False
 
 
 def _realtime_models(conn: Connection) -> list[tuple[StoredModel, dict[str, Any]]]:

@@ -43,14 +43,26 @@ from core.conditions import (
     resolve_moment,
 )
 from core.durations import parse_duration
-from core.errors import Conflict, ErrorDetail, NotFound, ValidationFailed
+from core.errors import Conflict, ErrorDetail, JourneysError, NotFound, ValidationFailed
 from core.tables import UTCDateTime
+from store.failures import (
+    FailureRecord,
+    FailureSubject,
+    clear_failures,
+    failing_keys,
+    record_failure,
+)
 from store.transitions import MembershipDiff, apply_membership
 
 DEFAULT_SCHEDULE = "PT5M"
 SEGMENT_KINDS = ("rule", "external", "rfm")
 
-_TS_REGEX = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})$"
+# Attribute text that PostgreSQL can cast to timestamptz without raising: fields in range
+# here, the day of the month checked in SQL (a 30 February must not stop a pass).
+_TS_REGEX = (
+    r"^[1-9]\d{3}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[T ]([01]\d|2[0-3]):[0-5]\d"
+    r"(:[0-5]\d(\.\d+)?)?(Z|[+-](0\d|1[0-4]):[0-5]\d)$"
+)
 _compilations = itertools.count(1)
 
 
@@ -200,6 +212,7 @@ class _Compiler:
                 f"CASE WHEN {t} = 'text'"
                 f" AND {x} GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][T ][0-9][0-9]:[0-9][0-9]*'"
                 f" AND ({x} GLOB '*Z' OR {x} GLOB '*[+-][0-9][0-9]:[0-9][0-9]')"
+                f" AND date(substr({x}, 1, 10)) = substr({x}, 1, 10)"
                 f" THEN strftime('%Y-%m-%d %H:%M:%f', {x}) END"
             )
             return f"{normalised} {'<' if op == 'before' else '>'} {moment}"
@@ -245,9 +258,16 @@ class _Compiler:
             return present if value is not False else f"(NOT COALESCE({present}, FALSE))"
         if op in ("before", "after"):
             moment = self.bind_json_time(resolve_moment(value, self.now))
+            raw = f"({x} #>> '{{}}')"
+            last_day = (
+                f"EXTRACT(DAY FROM CAST(substr({raw}, 1, 7) || '-01' AS date)"
+                " + INTERVAL '1 month' - INTERVAL '1 day')"
+            )
+            # Nested CASEs: PostgreSQL evaluates a CASE's branches in order, never an AND's.
             normalised = (
-                f"CASE WHEN {t} = 'string' AND ({x} #>> '{{}}') ~ {self.bind(_TS_REGEX)}"
-                f" THEN CAST({x} #>> '{{}}' AS timestamptz) END"
+                f"CASE WHEN {t} = 'string' AND {raw} ~ {self.bind(_TS_REGEX)}"
+                f" THEN CASE WHEN CAST(substr({raw}, 9, 2) AS integer) <= {last_day}"
+                f" THEN CAST({raw} AS timestamptz) END END"
             )
             return f"{normalised} {'<' if op == 'before' else '>'} {moment}"
         if op in ("eq", "ne"):
@@ -501,12 +521,24 @@ def validate_definition(
 def _dependency_graph(segments: Any) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for seg in segments:
-        if seg.kind == "rule" and seg.condition:
-            parsed = CONDITION_ADAPTER.validate_python(seg.condition)
-            graph[seg.slug] = {ref for _, ref in referenced_segments(parsed)}
-        else:
-            graph[seg.slug] = set()
+        graph[seg.slug] = _named_segments(seg.condition) if seg.kind == "rule" else set()
     return graph
+
+
+def _named_segments(stored: Any) -> set[str]:
+    """Slugs a stored condition names, read from its JSON without validating it: one
+    segment that no longer validates must not keep the others from being ordered."""
+    found: set[str] = set()
+    pending = [stored]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("segment"), str):
+                found.add(node["segment"])
+            pending.extend(node.get(key) for key in ("all", "any", "not"))
+        elif isinstance(node, list):
+            pending.extend(node)
+    return found
 
 
 def _path_to(graph: dict[str, set[str]], *, start: str, goal: str) -> list[str] | None:
@@ -759,36 +791,92 @@ def reevaluate_customers(
     ids = sorted(set(customer_ids))
     if not ids:
         return MembershipDiff(0, 0)
+    failing = failing_keys(conn, kind="segment", stage="realtime")
     entries = exits = 0
     for level in _rule_levels(list_segments(conn, kind="rule")):
-        selects, params = [], {}
-        for i, segment in enumerate(level):
-            compiled = compile_condition(
-                _rule_condition(segment), dialect=conn.dialect.name, now=now
-            )
-            selects.append(
-                f"SELECT CAST(:rt_slug_{i} AS VARCHAR(200)) AS segment_slug, c.id AS customer_id"
-                f" FROM customers c WHERE c.id IN :rt_ids AND {compiled.sql}"
-            )
-            params.update(compiled.params)
-            params[f"rt_slug_{i}"] = segment.slug
-        staged_sql = " UNION ALL ".join(selects)
-        params["rt_ids"] = ids
-        if _memberships_unchanged(conn, level, staged_sql, params):
-            continue  # the usual case: two reads instead of the diff's writes
-        diff = apply_membership(
+        # A segment set aside waits for its retry time; the others go on without it.
+        level = [s for s in level if failing.get(s.slug, now) <= now]
+        if not level:
+            continue
+        diff = _reevaluate_level_apart_from_poison(conn, level, ids, now)
+        clear_failures(
             conn,
-            segment_slugs=[s.slug for s in level],
-            staged_sql=staged_sql,
-            params=params,
-            expanding=("rt_ids",),
-            source="segment-realtime",
-            now=now,
-            customer_ids=ids,
+            kind="segment",
+            stage="realtime",
+            keys=[s.slug for s in level if s.slug in failing],
         )
         entries += diff.entries
         exits += diff.exits
     return MembershipDiff(entries=entries, exits=exits)
+
+
+def _reevaluate_level_apart_from_poison(
+    conn: Connection, level: list[SegmentRecord], ids: list[str], now: datetime
+) -> MembershipDiff:
+    """The level re-evaluated; a segment that fails whoever the customers are is set
+    aside and the level runs without it. A failure that no segment has alone comes from
+    the customers' data: it is raised, for the caller to find the customer."""
+    try:
+        with conn.begin_nested():
+            return _reevaluate_level(conn, level, ids, now)
+    except Exception:  # noqa: BLE001 - decide below whose failure it is
+        healthy = [s for s in level if _runs_on_no_customer(conn, s, now)]
+        if len(healthy) == len(level):
+            raise
+    return _reevaluate_level(conn, healthy, ids, now) if healthy else MembershipDiff(0, 0)
+
+
+def _runs_on_no_customer(conn: Connection, segment: SegmentRecord, now: datetime) -> bool:
+    """Whether the segment's own query runs at all; one that does not is set aside."""
+    try:
+        with conn.begin_nested():
+            staged_sql, params = _level_query(conn, [segment], now)
+            conn.execute(
+                text(f"SELECT COUNT(*) FROM ({staged_sql}) q").bindparams(
+                    bindparam("rt_ids", expanding=True)
+                ),
+                {**params, "rt_ids": [""]},  # no customer has an empty id
+            )
+        return True
+    except Exception as exc:  # noqa: BLE001 - the segment is the poison
+        record_failure(
+            conn, subject=FailureSubject("segment", segment.slug, "realtime"), error=exc, now=now
+        )
+        return False
+
+
+def _level_query(
+    conn: Connection, level: Sequence[SegmentRecord], now: datetime
+) -> tuple[str, dict[str, Any]]:
+    selects, params = [], {}
+    for i, segment in enumerate(level):
+        compiled = compile_condition(_rule_condition(segment), dialect=conn.dialect.name, now=now)
+        selects.append(
+            f"SELECT CAST(:rt_slug_{i} AS VARCHAR(200)) AS segment_slug, c.id AS customer_id"
+            f" FROM customers c WHERE c.id IN :rt_ids AND {compiled.sql}"
+        )
+        params.update(compiled.params)
+        params[f"rt_slug_{i}"] = segment.slug
+    return " UNION ALL ".join(selects), params
+
+
+def _reevaluate_level(
+    conn: Connection, level: Sequence[SegmentRecord], ids: list[str], now: datetime
+) -> MembershipDiff:
+    staged_sql, params = _level_query(conn, level, now)
+    params["rt_ids"] = ids
+    if _memberships_unchanged(conn, level, staged_sql, params):
+        return MembershipDiff(0, 0)  # the usual case: two reads instead of the diff's writes
+    return apply_membership(
+        conn,
+        segment_slugs=[s.slug for s in level],
+        staged_sql=staged_sql,
+        params=params,
+        expanding=("rt_ids",),
+        source="segment-realtime",
+        now=now,
+        customer_ids=ids,
+    )
 
 
 def _memberships_unchanged(
@@ -829,14 +917,34 @@ def dependents_in_order(conn: Connection, *, segment_slugs: Sequence[str]) -> li
     return [s.slug for level in _rule_levels(segments) for s in level if s.slug in affected]
 
 
+def evaluate_set_aside_on_failure(
+    conn: Connection, *, slug: str, now: datetime
+) -> MembershipDiff | FailureRecord:
+    """`evaluate_segment` in a savepoint: a segment that fails is set aside with its error
+    (stage `segment_pass`) and its failure returned instead of raised; a success clears
+    an earlier failure."""
+    try:
+        with conn.begin_nested():
+            diff = evaluate_segment(conn, slug=slug, now=now)
+    except JourneysError:
+        raise  # the caller's mistake (an unknown slug), not the segment's
+    except Exception as exc:  # noqa: BLE001 - set aside, never stop the others
+        return record_failure(
+            conn, subject=FailureSubject("segment", slug, "segment_pass"), error=exc, now=now
+        )
+    clear_failures(conn, kind="segment", stage="segment_pass", keys=[slug])
+    return diff
+
+
 def evaluate_dependents(
     conn: Connection, *, segment_slugs: Sequence[str], now: datetime
-) -> dict[str, MembershipDiff]:
-    """Re-evaluate (`evaluate_segment`) every rule segment that depends on any of
-    `segment_slugs`, transitively, in dependency order; call after an RFM pass with the
-    model's label segments. Returns each evaluated slug's diff, in the order run."""
+) -> dict[str, MembershipDiff | FailureRecord]:
+    """Re-evaluate every rule segment that depends on any of `segment_slugs`,
+    transitively, in dependency order; call after an RFM pass with the model's label
+    segments. Returns each slug's diff (or its failure: one failing dependent is set
+    aside and the others still run), in the order run."""
     return {
-        slug: evaluate_segment(conn, slug=slug, now=now)
+        slug: evaluate_set_aside_on_failure(conn, slug=slug, now=now)
         for slug in dependents_in_order(conn, segment_slugs=segment_slugs)
     }
 
