@@ -5,20 +5,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
 console = Console()
 
-app = typer.Typer(
+# Exit codes (README, "The `journeys` command"): 2 is Typer's and ours for usage errors.
+EXIT_FAILED = 1  # the command ran and failed: an unknown slug, rejected lines, invalid input
+EXIT_USAGE = 2
+EXIT_STORE = 3  # the database: not reachable, locked, not a database, not migrated, newer
+EXIT_TEMPORAL = 4  # the Temporal server: not reachable or refusing
+
+
+class JourneysTyper(typer.Typer):
+    """The command: a failure of the store, Temporal or the domain is one line on stderr
+    and an exit code, never a traceback (anything else is a bug, and shows one)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            failure = explain_failure(exc)
+            if failure is None:
+                raise
+            code, message = failure
+            sys.stderr.write(f"journeys: {message}\n")
+            finish(code)
+
+
+app = JourneysTyper(
     help="Journey orchestrator for lifecycle marketing: RFM, segments, durable journeys.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -31,13 +58,44 @@ app.add_typer(events_app, name="events")
 app.add_typer(customers_app, name="customers")
 
 
-def migrated_engine():  # noqa: ANN201
-    """The configured store, migrated: every command that touches it starts here."""
+class StoreUnreachable(Exception):
+    """The configured database cannot even be opened: a bad URL, a folder we cannot make."""
+
+
+def store_engine() -> Engine:
+    """The configured store's engine, not yet connected."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
     from core.db import get_engine
+
+    try:
+        return get_engine()
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:  # ImportError: no driver
+        raise StoreUnreachable(f"is not a database URL this version can use ({exc})") from exc
+    except OSError as exc:
+        raise StoreUnreachable(
+            f"is not reachable: cannot create the folder {exc.filename} ({exc.strerror})"
+        ) from exc
+
+
+def migrated_engine() -> Engine:
+    """The configured store, migrated: every command that writes to it starts here."""
     from core.migrate import migrate
 
-    engine = get_engine()
-    migrate(engine)
+    engine = store_engine()
+    try:
+        migrate(engine)
+    except OSError as exc:  # the migration lock file beside a SQLite database
+        raise StoreUnreachable(f"is not reachable: {exc.strerror} ({exc.filename})") from exc
+    return engine
+
+
+def current_engine() -> Engine:
+    """The configured store for commands that only read: already at this code's schema."""
+    from core.migrate import require_current_schema
+
+    engine = store_engine()
+    require_current_schema(engine)
     return engine
 
 
@@ -46,6 +104,125 @@ def finish(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def explain_failure(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and one line for a failure the user can act on; None for a bug."""
+    from core.errors import JourneysError, ValidationFailed
+
+    if isinstance(exc, ValidationFailed):
+        return EXIT_FAILED, "; ".join(
+            f"{detail.message} ({detail.field})" if detail.field else detail.message
+            for detail in exc.details()
+        )
+    if isinstance(exc, JourneysError):
+        return EXIT_FAILED, exc.message
+    problem = _store_problem(exc)
+    if problem is not None:
+        return EXIT_STORE, f"the database at {_shown_database_url()} {problem}"
+    problem = _temporal_problem(exc)
+    if problem is not None:
+        from core.settings import get_settings
+
+        return EXIT_TEMPORAL, f"Temporal at {get_settings().temporal_address} {problem}"
+    return None
+
+
+def _store_problem(exc: BaseException) -> str | None:
+    from alembic.util import CommandError
+    from sqlalchemy.exc import DBAPIError
+
+    from core.migrate import SchemaMismatch, SchemaNotMigrated
+
+    if isinstance(exc, SchemaNotMigrated):
+        return f"{exc}: `journeys api` or `journeys worker` migrates it on start"
+    if isinstance(exc, StoreUnreachable | SchemaMismatch):
+        return str(exc)
+    if isinstance(exc, DBAPIError):
+        return _driver_problem(exc.orig) or f"answered an error: {_first_line(exc.orig)}"
+    if isinstance(exc, CommandError):
+        return f"cannot be migrated: {_first_line(exc)}"
+    return _driver_problem(exc)  # the few raw driver calls (SQLite's write lock, COPY)
+
+
+def _driver_problem(error: BaseException) -> str | None:
+    import sqlite3
+
+    if isinstance(error, sqlite3.Error):
+        return _sqlite_problem(error)
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(error, psycopg.Error):
+        return _postgres_problem(error)
+    return None
+
+
+def _sqlite_problem(error: Exception) -> str:
+    import sqlite3
+
+    from core.db import sqlite_busy_timeout_ms
+
+    reason = _first_line(error)
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in reason:
+        return (
+            f"is locked: another process held it for longer than"
+            f" {sqlite_busy_timeout_ms() / 1000:g} s (JOURNEYS_SQLITE_BUSY_TIMEOUT_MS)"
+        )
+    if code == sqlite3.SQLITE_NOTADB:
+        return f"is not a SQLite database: {reason}"
+    if code == sqlite3.SQLITE_CORRUPT:
+        return f"is damaged: {reason}"
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_IOERR):
+        return f"is not reachable: {reason}"
+    return f"answered an error: {reason}"
+
+
+def _postgres_problem(error: Any) -> str:
+    import psycopg
+
+    # libpq's message names host and port, which the URL shows already: keep its reason.
+    reason = _first_line(error).rsplit(" failed: ", 1)[-1]
+    state = error.sqlstate or ""
+    # No SQLSTATE: the client could not connect; 08 connection, 28 authorization,
+    # 3D no such database, 57P the server shutting down or starting.
+    if isinstance(error, psycopg.OperationalError) and (
+        not state or state[:2] in ("08", "28", "3D") or state.startswith("57P")
+    ):
+        return f"is not reachable: {reason}"
+    if state in ("55P03", "40P01"):
+        return f"is locked: {reason}"
+    return f"answered an error: {reason}"
+
+
+def _temporal_problem(exc: BaseException) -> str | None:
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Failed client connect"):
+        # The Rust core's message is a nested debug print; its innermost text is the reason.
+        reasons = re.findall(r'(?:message|error): "([^"]+)"', str(exc))
+        return f"is not reachable: {reasons[-1] if reasons else _first_line(exc)}"
+    service = sys.modules.get("temporalio.service")
+    if service is not None and isinstance(exc, service.RPCError):
+        unreachable = (service.RPCStatusCode.UNAVAILABLE, service.RPCStatusCode.DEADLINE_EXCEEDED)
+        if exc.status in unreachable:
+            return f"is not reachable: {exc.message}"
+        return f"answered an error: {exc.message}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return re.sub(r"\s+", " ", lines[0]) if lines else type(error).__name__
+
+
+def _shown_database_url() -> str:
+    from sqlalchemy.engine import make_url
+
+    from core.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: hide whatever sits between ':' and '@'
+        return re.sub(r":[^:/@]*@", ":***@", url)
 
 
 # --- running it: dev, api, worker; keys; imports ---
@@ -91,10 +268,10 @@ def dev(
         console.print("stopping..." if stopping else "\nstopping...")
     except PortBusy as exc:
         console.print(f"[red]error:[/red] {exc}")
-        code = 2
+        code = EXIT_USAGE
     except RuntimeError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        code = 1
+        code = EXIT_FAILED
     finally:
         stack.stop()
     finish(code)
@@ -109,6 +286,8 @@ def api(
     """Run the API alone against JOURNEYS_DATABASE_URL and JOURNEYS_TEMPORAL_ADDRESS."""
     import uvicorn
 
+    # The app migrates on start too, but a failure there is a traceback in uvicorn's log.
+    migrated_engine().dispose()
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -126,6 +305,7 @@ def worker() -> None:
     from core.settings import get_settings
     from worker import run_worker
 
+    migrated_engine().dispose()  # a store that cannot serve is one line, before any logging
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_worker(get_settings()))
     finish(0)
@@ -142,7 +322,7 @@ def keys_create(
 
     if role not in ROLES:
         console.print(f"[red]error:[/red] --role must be one of {', '.join(ROLES)}")
-        finish(2)
+        finish(EXIT_USAGE)
     with session_scope(migrated_engine()) as session:
         row, secret = create_key(session, role=role, name=name)
     console.print(f"id={row.id} role={row.role}")
@@ -175,15 +355,10 @@ def keys_list() -> None:
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by id."""
     from core.db import session_scope
-    from core.errors import NotFound
     from store.keys import revoke_key
 
-    try:
-        with session_scope(migrated_engine()) as session:
-            revoke_key(session, key_id=key_id)
-    except NotFound as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
-        finish(1)
+    with session_scope(migrated_engine()) as session:
+        revoke_key(session, key_id=key_id)
     console.print(f"revoked {key_id}")
     finish(0)
 
@@ -193,7 +368,7 @@ def _import_file(path: Path, kind: str, batch_size: int, realtime: bool = True) 
 
     if not path.exists():
         console.print(f"[red]error:[/red] no file {path}")
-        finish(2)
+        finish(EXIT_USAGE)
     progress = Progress(
         TextColumn(f"importing {kind}"),
         BarColumn(),
@@ -220,7 +395,7 @@ def _import_file(path: Path, kind: str, batch_size: int, realtime: bool = True) 
         console.print(f"  line {rejection.line}:{field} {rejection.message}", highlight=False)
     if len(summary.rejected) > 50:
         console.print(f"  ... and {len(summary.rejected) - 50} more")
-    finish(1 if summary.rejected else 0)
+    finish(EXIT_FAILED if summary.rejected else 0)
 
 
 @events_app.command("import")
@@ -260,7 +435,6 @@ def score(
     """Run a full RFM scoring pass of MODEL against the configured database."""
     from datetime import UTC, datetime
 
-    from core.errors import JourneysError
     from store.rfm_models import get_model
     from store.scoring import PASS_STEPS, score_model, summarize
 
@@ -270,10 +444,10 @@ def score(
             when = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
         except ValueError:
             console.print(f"[red]error:[/red] --as-of {as_of!r} is not an ISO 8601 instant")
-            finish(2)
+            finish(EXIT_USAGE)
         if when.tzinfo is None:
             console.print("[red]error:[/red] --as-of needs a zone, e.g. 2026-11-20T10:00:00Z")
-            finish(2)
+            finish(EXIT_USAGE)
     engine = migrated_engine()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -282,21 +456,17 @@ def score(
         TextColumn("{task.elapsed:.1f}s"),
         console=console,
     )
-    try:
-        with progress:
-            task = progress.add_task(PASS_STEPS[0], total=len(PASS_STEPS))
+    with progress:
+        task = progress.add_task(PASS_STEPS[0], total=len(PASS_STEPS))
 
-            def advance(done: int, total: int, step: str) -> None:
-                progress.update(task, completed=done, total=total, description=step)
+        def advance(done: int, total: int, step: str) -> None:
+            progress.update(task, completed=done, total=total, description=step)
 
-            with engine.begin() as conn:
-                result = score_model(conn, model_slug=model, as_of=when, progress=advance)
-        with engine.connect() as conn:
-            labels = get_model(conn, slug=model).definition.labels()
-            totals = summarize(conn, model_slug=model)
-    except JourneysError as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
-        finish(1)
+        with engine.begin() as conn:
+            result = score_model(conn, model_slug=model, as_of=when, progress=advance)
+    with engine.connect() as conn:
+        labels = get_model(conn, slug=model).definition.labels()
+        totals = summarize(conn, model_slug=model)
     table = Table("label", "customers", "share", "monetary", title=f"RFM model {model!r}")
     for label in labels + sorted(set(totals["labels"]) - set(labels)):
         item = totals["labels"].get(label, {"count": 0, "monetary": 0.0})
@@ -324,20 +494,15 @@ def segments_evaluate(
     import time
     from datetime import UTC, datetime
 
-    from core.errors import JourneysError
     from store.failures import FailureRecord
     from store.segments import evaluate_dependents, evaluate_segment
 
     engine = migrated_engine()
     now = datetime.now(UTC)
     started = time.monotonic()
-    try:
-        with engine.begin() as conn:
-            diff = evaluate_segment(conn, slug=slug, now=now)
-            dependents = evaluate_dependents(conn, segment_slugs=[slug], now=now)
-    except JourneysError as exc:
-        console.print(f"[red]error:[/red] {exc.message}")
-        finish(1)
+    with engine.begin() as conn:
+        diff = evaluate_segment(conn, slug=slug, now=now)
+        dependents = evaluate_dependents(conn, segment_slugs=[slug], now=now)
     console.print(f"{slug}: {diff.entries:,} entries, {diff.exits:,} exits")
     for dependent, change in dependents.items():
         if isinstance(change, FailureRecord):
@@ -391,44 +556,34 @@ def journey_templates_install(
 ) -> None:
     """Install the Champions, Regulars, Promising, Needs Attention and At Risk journeys
     into the configured store, as drafts (or active with --activate)."""
-    from core.db import get_engine
-    from core.errors import JourneysError
-    from core.migrate import migrate
     from store.journeys import install_shipped_journeys, missing_trigger_segments
 
-    engine = get_engine()
-    migrate(engine)
-    try:
-        with engine.begin() as conn:
+    with migrated_engine().begin() as conn:
+        missing = missing_trigger_segments(conn, model=model)
+        if missing and create_model:
+            from datetime import UTC, datetime
+
+            from core.rfm import RfmModelCreate
+            from store.rfm_models import create_model as create_rfm_model
+
+            seed5 = RfmModelCreate(
+                slug=model,
+                name="Lifecycle RFM",
+                recency_event="Purchase",
+                frequency_event="Purchase",
+                monetary_event="Purchase",
+                monetary_property="total_price",
+                timeframe="P90D",
+                segment_map="seed5",
+                realtime=True,
+            )
+            create_rfm_model(conn, model=seed5, now=datetime.now(UTC))
+            console.print(f"created RFM model {model!r} (seed5, Purchase / total_price, P90D)")
             missing = missing_trigger_segments(conn, model=model)
-            if missing and create_model:
-                from datetime import UTC, datetime
-
-                from core.rfm import RfmModelCreate
-                from store.rfm_models import create_model as create_rfm_model
-
-                seed5 = RfmModelCreate(
-                    slug=model,
-                    name="Lifecycle RFM",
-                    recency_event="Purchase",
-                    frequency_event="Purchase",
-                    monetary_event="Purchase",
-                    monetary_property="total_price",
-                    timeframe="P90D",
-                    segment_map="seed5",
-                    realtime=True,
-                )
-                create_rfm_model(conn, model=seed5, now=datetime.now(UTC))
-                console.print(f"created RFM model {model!r} (seed5, Purchase / total_price, P90D)")
-                missing = missing_trigger_segments(conn, model=model)
-            if missing:
-                _rfm_model_hint(model, missing)
-                finish(1)
-            outcomes = install_shipped_journeys(conn, model=model, activate=activate)
-    except JourneysError as exc:
-        for detail in exc.details():
-            console.print(f"[red]error:[/red] {detail.message} [dim]({detail.field})[/dim]")
-        finish(1)
+        if missing:
+            _rfm_model_hint(model, missing)
+            finish(EXIT_FAILED)
+        outcomes = install_shipped_journeys(conn, model=model, activate=activate)
     table = Table("journey", "file", "action", "state", "version")
     for o in outcomes:
         table.add_row(o.slug, o.file, o.action, o.state, str(o.version))
@@ -444,12 +599,11 @@ def inspect_customer(
     customer: Annotated[str, typer.Argument(help="The customer id.")],
 ) -> None:
     """A customer's journeys: each run's status and its timeline, with the reasons."""
-    from core.db import get_engine
     from core.settings import get_settings
     from store.inspection import customer_journeys
 
     settings = get_settings()
-    with get_engine().connect() as conn:
+    with current_engine().connect() as conn:
         runs = customer_journeys(
             conn,
             customer_id=customer,
@@ -486,13 +640,12 @@ def journey_analytics_command(
     version: Annotated[int | None, typer.Option(help="Only runs of this version.")] = None,
 ) -> None:
     """A journey's funnel: runs, conversions and, per step, reach and message outcomes."""
-    from core.db import get_engine
+    from core.errors import NotFound
     from store.analytics import journey_analytics, journey_exists
 
-    with get_engine().connect() as conn:
+    with current_engine().connect() as conn:
         if not journey_exists(conn, journey_slug=journey):
-            console.print(f"[red]error:[/red] no journey {journey!r}")
-            finish(1)
+            raise NotFound(f"no journey {journey!r}")
         result = journey_analytics(conn, journey_slug=journey, version=version)
     avg = (
         f"{result.avg_days_to_convert:.1f} days" if result.avg_days_to_convert is not None else "-"

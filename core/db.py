@@ -24,15 +24,19 @@ def normalise_url(url: str) -> str:
     return url
 
 
-SQLITE_BUSY_TIMEOUT_MS = 60_000
 SQLITE_WAL_KEEP_BYTES = 64 * 1024 * 1024
+
+
+def sqlite_busy_timeout_ms() -> int:
+    """How long SQLite waits for another process's lock (`JOURNEYS_SQLITE_BUSY_TIMEOUT_MS`)."""
+    return get_settings().sqlite_busy_timeout_ms
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001
     cursor = dbapi_connection.cursor()
     # busy_timeout makes writers queue instead of failing with "database is locked" when
     # the API and worker overlap; WAL lets readers run beside the single writer.
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={sqlite_busy_timeout_ms()}")
     _use_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -65,7 +69,7 @@ def take_sqlite_write_lock(dbapi_connection: sqlite3.Connection) -> None:
     """
     if dbapi_connection.in_transaction:
         return
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    deadline = time.monotonic() + sqlite_busy_timeout_ms() / 1000
     with sqlite_busy_timeout(dbapi_connection, 0):
         while True:
             try:
@@ -84,7 +88,7 @@ def sqlite_busy_timeout(dbapi_connection: sqlite3.Connection, milliseconds: int)
     try:
         yield
     finally:
-        dbapi_connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        dbapi_connection.execute(f"PRAGMA busy_timeout={sqlite_busy_timeout_ms()}")
 
 
 def make_engine(url: str) -> Engine:
@@ -96,7 +100,7 @@ def make_engine(url: str) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout_ms() / 1000},
         )
         event.listen(engine, "connect", _tune_sqlite)
         return engine

@@ -318,4 +318,4 @@ def test_cli_inspect_and_analytics(tmp_path: Path) -> None:
     assert "on_timeout→reminder 100%" in funnel.stdout
     assert "█" in funnel.stdout
     missing = _journeys_cli("analytics", "nope", database_url=url)
-    assert missing.returncode == 1 and "no journey 'nope'" in missing.stdout
+    assert missing.returncode == 1 and missing.stderr == "journeys: no journey 'nope'\n"

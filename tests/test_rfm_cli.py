@@ -37,7 +37,7 @@ def test_score_runs_a_pass_and_prints_the_summary(tmp_path: Path):
     assert str(as_of).startswith("2026-11-20 12:00:00")
 
     missing = journeys("score", "nope", env={"JOURNEYS_DATABASE_URL": url})
-    assert missing.returncode == 1 and "no RFM model 'nope'" in missing.stdout
+    assert missing.returncode == 1 and missing.stderr == "journeys: no RFM model 'nope'\n"
     naive = journeys(
         "score", "default", "--as-of", "2026-11-20T12:00:00", env={"JOURNEYS_DATABASE_URL": url}
     )
