@@ -1,5 +1,6 @@
 """The local outbox and message templates: list captured messages, add / edit / delete
-templates (validated on save), preview a template for a sample customer."""
+templates (proven on save: they must render for sample customers), preview a template for
+a sample customer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session
 
 from api.boundary import resource_router
 from api.deps import MarketerKey, SessionDep, SettingsDep, SupportKey
@@ -17,6 +19,7 @@ from core.rendering import (
     TemplateProblem,
     customer_context,
     is_email_template,
+    prove_template,
     render_email,
     render_sms,
     template_context,
@@ -24,6 +27,7 @@ from core.rendering import (
 )
 from store import messages as message_store
 from store import templates as template_store
+from store.customers import sample_attributes
 
 outbox_router = resource_router(prefix="/v1/outbox", tags=["messages"])
 templates_router = resource_router(prefix="/v1/templates", tags=["templates"])
@@ -188,9 +192,17 @@ def _validated(path: str, source: str) -> None:
     try:
         validate_template(source, path=path)
     except TemplateProblem as exc:
-        raise ValidationFailed(
-            [ErrorDetail("template_syntax" if exc.line else "invalid", exc.message, "source")]
-        ) from exc
+        raise ValidationFailed([ErrorDetail(exc.code, exc.message, "source")]) from exc
+
+
+def _proven(session: Session, path: str, source: str) -> None:
+    """422 naming the line unless the template compiles and renders for the sample
+    customers (one without attributes, one with those of the stored customers)."""
+    _validated(path, source)
+    try:
+        prove_template(source, path=path, known_attributes=sample_attributes(session))
+    except TemplateProblem as exc:
+        raise ValidationFailed([ErrorDetail(exc.code, exc.message, "source")]) from exc
 
 
 @templates_router.get("", response_model=TemplatesPublic, summary="Every template")
@@ -202,7 +214,7 @@ def list_templates(session: SessionDep, _: MarketerKey) -> TemplatesPublic:
     "", response_model=TemplatePublic, status_code=201, summary="Add a template (validated)"
 )
 def create_template(body: TemplateIn, session: SessionDep, _: MarketerKey) -> TemplatePublic:
-    _validated(body.path, body.source)
+    _proven(session, body.path, body.source)
     if (
         template_store.template_exists(session, path=body.path)
         and template_store.get_template(session, path=body.path).origin == "api"
@@ -271,7 +283,7 @@ def get_template(path: TemplatePath, session: SessionDep, _: MarketerKey) -> Tem
 def put_template(
     path: TemplatePath, body: TemplateSourceIn, session: SessionDep, _: MarketerKey
 ) -> TemplatePublic:
-    _validated(path, body.source)
+    _proven(session, path, body.source)
     return _public(template_store.save_template(session, path=path, source=body.source))
 
 

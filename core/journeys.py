@@ -10,13 +10,16 @@ import dataclasses
 import re
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from core.conditions import Condition
 from core.durations import Duration
 from core.errors import ErrorDetail
+
+if TYPE_CHECKING:
+    from core.rendering import TemplateProblem
 
 
 class _Strict(BaseModel):
@@ -148,6 +151,8 @@ _TARGET_KEYS = {
     "exit": (),
 }
 _STEP_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+# Why a step's template (path, step id) does not render for a sample customer, or None.
+TemplateCheck = Callable[[str, str], "TemplateProblem | None"]
 
 
 @dataclasses.dataclass
@@ -367,6 +372,7 @@ def _check_outline(
     *,
     template_exists: Callable[[str], bool],
     segment_exists: Callable[[str], bool],
+    template_problem: TemplateCheck | None = None,
 ) -> list[ErrorDetail]:
     errors: list[ErrorDetail] = []
     nodes = out.nodes
@@ -436,7 +442,8 @@ def _check_outline(
 
     for node in nodes.values():
         has_template = node.template is not None and node.kind in ("email", "sms")
-        if has_template and not template_exists(node.template):  # type: ignore[arg-type]
+        exists = has_template and template_exists(node.template)  # type: ignore[arg-type]
+        if has_template and not exists:
             errors.append(
                 ErrorDetail(
                     "unknown_template",
@@ -445,11 +452,26 @@ def _check_outline(
                 )
             )
         suffix = _TEMPLATE_SUFFIX.get(node.kind or "")
-        if has_template and suffix and not node.template.endswith(suffix):  # type: ignore[union-attr]
+        fits = not (has_template and suffix and not node.template.endswith(suffix))  # type: ignore[union-attr]
+        if not fits:
             errors.append(
                 ErrorDetail(
                     "template_channel_mismatch",
                     f"step {node.id!r}: a {node.kind} step takes a {suffix} template",
+                    f"steps.{node.id}.template",
+                )
+            )
+        problem = (
+            template_problem(node.template, node.id)  # type: ignore[arg-type]
+            if exists and fits and template_problem is not None
+            else None
+        )
+        if problem is not None:
+            errors.append(
+                ErrorDetail(
+                    problem.code,
+                    f"step {node.id!r}: template {node.template!r} does not render: "
+                    f"{problem.message}",
                     f"steps.{node.id}.template",
                 )
             )
@@ -547,17 +569,23 @@ def check_journey(
     *,
     template_exists: Callable[[str], bool],
     segment_exists: Callable[[str], bool],
+    template_problem: TemplateCheck | None = None,
 ) -> list[ErrorDetail]:
     """Every error of a parsed definition, each naming its field (`steps.wait_click.on_timeout`).
 
     Checks: start names a step; every next / on_event / on_timeout / branch target names a
     step; every step is reachable; every reachable step can reach the end; no loop is
     without a delay or wait_for_event; templates and segments (trigger and branch
-    conditions) exist; `of_step` names an email step before the wait; the goal and
+    conditions) exist; each existing template of the right channel renders
+    (`template_problem(path, step id)`, when given, returns why it does not, reported at
+    `steps.<id>.template`); `of_step` names an email step before the wait; the goal and
     re-entry settings make sense. An empty list means valid.
     """
     return _check_outline(
-        _outline_of(definition), template_exists=template_exists, segment_exists=segment_exists
+        _outline_of(definition),
+        template_exists=template_exists,
+        segment_exists=segment_exists,
+        template_problem=template_problem,
     )
 
 
@@ -624,6 +652,7 @@ def validate_journey(
     *,
     template_exists: Callable[[str], bool],
     segment_exists: Callable[[str], bool],
+    template_problem: TemplateCheck | None = None,
 ) -> tuple[JourneyDefinition | None, list[ErrorDetail]]:
     """Parse and check: the definition when valid, else None and every error found.
 
@@ -633,13 +662,19 @@ def validate_journey(
     definition, errors = parse_journey(raw)
     if definition is not None:
         return definition, check_journey(
-            definition, template_exists=template_exists, segment_exists=segment_exists
+            definition,
+            template_exists=template_exists,
+            segment_exists=segment_exists,
+            template_problem=template_problem,
         )
     if not isinstance(raw, dict):
         return None, errors
     seen = {e.field for e in errors if e.field}
     for extra in _check_outline(
-        _outline_of_raw(raw), template_exists=template_exists, segment_exists=segment_exists
+        _outline_of_raw(raw),
+        template_exists=template_exists,
+        segment_exists=segment_exists,
+        template_problem=template_problem,
     ):
         # A field pydantic already rejected is reported once, by pydantic.
         if not any(_within(extra.field, f) for f in seen):

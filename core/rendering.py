@@ -11,6 +11,9 @@ internals raises `SecurityError`), HTML is autoescaped, and undefined names fail
 phone, first_name and every attribute), `name` (first name or "there"), `journey`,
 `step`, `unsubscribe_url`.
 
+`prove_template` renders a template for sample customers before it is saved or a journey
+using it is activated (see its docstring for the rule on attributes).
+
 This module lives in core because the API validates and previews templates and the
 messaging activity renders them; neither may import the other.
 """
@@ -26,7 +29,7 @@ from functools import lru_cache
 from html.parser import HTMLParser
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateError, TemplateSyntaxError
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -35,13 +38,38 @@ REQUIRED_EMAIL_BLOCKS = ("subject", "html")
 
 
 class TemplateProblem(Exception):
-    """A template that cannot be saved or rendered; `line` is 1-based when known."""
+    """A template that cannot be saved or rendered; `line` is 1-based when known.
 
-    def __init__(self, message: str, *, line: int | None = None, security: bool = False):
+    `kind` says what went wrong: `syntax` (it does not compile, or names an unknown
+    filter or test), `structure` (a required block is missing), `undefined` (it reads a
+    name the context does not hold), `render` (another error while rendering, such as
+    dividing by zero) or `security` (it reached for Python internals).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        security: bool = False,
+        kind: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.line = line
         self.security = security
+        self.kind = kind or ("security" if security else "syntax" if line else "structure")
+
+    @property
+    def code(self) -> str:
+        """The API error code: `template_syntax`, `template_undefined`, ..."""
+        return {
+            "syntax": "template_syntax",
+            "structure": "invalid",
+            "undefined": "template_undefined",
+            "render": "template_render_failed",
+            "security": "template_unsafe",
+        }.get(self.kind, "invalid")
 
 
 @dataclass(frozen=True)
@@ -73,26 +101,34 @@ def _env_for(path: str) -> SandboxedEnvironment:
 
 
 def validate_template(source: str, *, path: str) -> None:
-    """Raise TemplateProblem (naming the line) when `source` is not a usable template."""
+    """Raise TemplateProblem (naming the line) when `source` does not compile: a syntax
+    error, an unknown filter or test (even one inside an `{% if %}`, which Jinja would
+    only notice when a send reaches it), or an email without its required blocks."""
     env = _env_for(path)
     try:
         parsed = env.parse(source)
     except TemplateSyntaxError as exc:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
+    for node in parsed.find_all((nodes.Filter, nodes.Test)):
+        is_filter = isinstance(node, nodes.Filter)
+        known = env.filters if is_filter else env.tests
+        if node.name not in known:
+            what = "filter" if is_filter else "test"
+            raise TemplateProblem(
+                f"line {node.lineno}: no {what} named {node.name!r}", line=node.lineno
+            )
     if is_email_template(path):
-        names = {block.name for block in parsed.find_all(_block_node())}
+        names = {block.name for block in parsed.find_all(nodes.Block)}
         missing = [name for name in REQUIRED_EMAIL_BLOCKS if name not in names]
         if missing:
             raise TemplateProblem(
                 "an email template needs {% block subject %} and {% block html %}; missing: "
                 + ", ".join(missing)
             )
-
-
-def _block_node() -> type:
-    from jinja2 import nodes
-
-    return nodes.Block
+    try:
+        _compiled(source, is_email_template(path))
+    except TemplateSyntaxError as exc:
+        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
 
 
 def customer_context(
@@ -149,15 +185,67 @@ def _render_block(template: Any, name: str, context: dict[str, Any]) -> str:
     return "".join(block(template.new_context(context)))
 
 
+def _template_line(exc: BaseException) -> int | None:
+    """The template line the innermost template frame of `exc` was running, or None when
+    the error did not come from template code."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        namespace = tb.tb_frame.f_globals
+        template = namespace.get("__jinja_template__")
+        if template is not None:
+            # A block rendered on its own: Python lines of the compiled module.
+            line = template.get_corresponding_lineno(tb.tb_lineno)
+        elif "__jinja_exception__" in namespace:
+            # A whole render: Jinja rewrote the traceback to template lines.
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _located(message: str, line: int | None) -> str:
+    return f"line {line}: {message}" if line else message
+
+
 def _run(render: Callable[[], Any]) -> Any:
     try:
         return render()
     except SecurityError as exc:
-        raise TemplateProblem(f"unsafe template: {exc}", security=True) from exc
+        line = _template_line(exc)
+        raise TemplateProblem(
+            _located(f"unsafe template: {exc}", line), line=line, security=True
+        ) from exc
     except TemplateSyntaxError as exc:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
-    except TemplateError as exc:
-        raise TemplateProblem(f"template failed to render: {exc}") from exc
+    except UndefinedError as exc:
+        line = _template_line(exc)
+        raise TemplateProblem(
+            _located(_undefined_message(str(exc)), line), line=line, kind="undefined"
+        ) from exc
+    except Exception as exc:
+        # The template's own mistakes (1 / 0, calling a number, a filter given the wrong
+        # type) fail every send alike: report them with their line. Anything raised
+        # outside template code is not the template's fault and goes on up.
+        line = _template_line(exc)
+        if line is None:
+            raise
+        raise TemplateProblem(
+            f"line {line}: {type(exc).__name__}: {exc}", line=line, kind="render"
+        ) from exc
+
+
+_UNDEFINED_ATTRIBUTE = re.compile(r"^'dict object' has no (?:attribute|element) '(?P<name>.+)'$")
+_UNDEFINED_NAME = re.compile(r"^'(?P<name>.+)' is undefined$")
+
+
+def _undefined_message(jinja_message: str) -> str:
+    """Jinja's "'dict object' has no attribute 'city'" in words a marketer can act on."""
+    match = _UNDEFINED_ATTRIBUTE.match(jinja_message) or _UNDEFINED_NAME.match(jinja_message)
+    if match is None:
+        return jinja_message
+    return (
+        f"`{match.group('name')}` is undefined: add `| default(...)` or test it with `is defined`"
+    )
 
 
 def _plain_line(text: str) -> str:
@@ -218,6 +306,66 @@ def render_sms(source: str, context: dict[str, Any]) -> RenderedSms:
         return RenderedSms(body=body, encoding=encoding, segments=segments)
 
     return _run(render)
+
+
+# --- proving a template before it is used ---------------------------------------------
+
+SAMPLE_CUSTOMER_ID = "sample-customer"
+SAMPLE_EMAIL = "sample@example.com"
+SAMPLE_PHONE = "+15555550100"
+SAMPLE_UNSUBSCRIBE_URL = "https://journeys.invalid/u/sample"
+
+
+def prove_template(
+    source: str,
+    *,
+    path: str,
+    known_attributes: Mapping[str, Any] | None = None,
+    journey: str = "sample-journey",
+    step: str = "sample-step",
+) -> None:
+    """Raise TemplateProblem (naming the line) unless `source` compiles and renders, in
+    the environment and with the context the send path uses, for two sample customers:
+
+    1. a customer with no attributes, only an id and the address its channel needs
+       (email for `.html`, phone for `.txt`): every attribute read must be guarded by
+       `| default(...)` or `is defined`, as customers differ in what they hold;
+    2. a customer with both addresses and `known_attributes` (the attributes the caller
+       knows customers to hold, with real values), so the guarded parts render too.
+    """
+    validate_template(source, path=path)
+    email = is_email_template(path)
+    bare = customer_context(
+        customer_id=SAMPLE_CUSTOMER_ID,
+        email=SAMPLE_EMAIL if email else None,
+        phone=None if email else SAMPLE_PHONE,
+        attributes={},
+    )
+    full = customer_context(
+        customer_id=SAMPLE_CUSTOMER_ID,
+        email=SAMPLE_EMAIL,
+        phone=SAMPLE_PHONE,
+        attributes=known_attributes or {},
+    )
+    for customer, who in (
+        (bare, "a customer without attributes"),
+        (full, "a customer with every known attribute"),
+    ):
+        context = template_context(
+            customer, journey=journey, step=step, unsubscribe_url=SAMPLE_UNSUBSCRIBE_URL
+        )
+        try:
+            if email:
+                render_email(source, context, track_link=lambda url: url)
+            else:
+                render_sms(source, context)
+        except TemplateProblem as exc:
+            raise TemplateProblem(
+                f"{exc.message} (rendering for {who})",
+                line=exc.line,
+                security=exc.security,
+                kind=exc.kind,
+            ) from exc
 
 
 # --- links ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
+from sqlmodel import Session
 
 from core.events import CustomerBulkLine, CustomerIn
 from core.tables import Customer, SegmentMembership
@@ -53,6 +54,21 @@ def get_customer(
         query = query.with_for_update()
     row = conn.execute(query).mappings().first()
     return dict(row) if row else None
+
+
+def sample_attributes(conn: Connection | Session, *, customers_read: int = 500) -> dict[str, Any]:
+    """Every top-level attribute name held by the first `customers_read` customers (by
+    id, so the same store gives the same answer), each with the first non-empty value
+    seen: the sample customer a template is proven against holds real values."""
+    rows = conn.execute(
+        select(customers.c.attributes).order_by(customers.c.id).limit(customers_read)
+    )
+    sample: dict[str, Any] = {}
+    for (attributes,) in rows:
+        for key, value in (attributes or {}).items():
+            if key not in sample and value not in (None, ""):
+                sample[key] = value
+    return sample
 
 
 def put_customer(

@@ -19,9 +19,11 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from core.errors import Conflict, ErrorDetail, NotFound, ValidationFailed
-from core.journeys import JourneyDefinition, validate_journey
+from core.journeys import JourneyDefinition, TemplateCheck, validate_journey
+from core.rendering import TemplateProblem, prove_template
 from core.tables import JSONType, UTCDateTime, utcnow
-from store.templates import SHIPPED_TEMPLATES_DIR, template_exists
+from store.customers import sample_attributes
+from store.templates import SHIPPED_TEMPLATES_DIR, load_template, template_exists
 
 Store = Session | Connection
 JourneyStateName = Literal["draft", "active", "paused", "archived"]
@@ -84,14 +86,56 @@ def segment_exists(session: Store, *, slug: str) -> bool:
     return row is not None
 
 
+def _attributes_set_by(raw: Any) -> dict[str, Any]:
+    """The attributes the journey's own update_attribute steps set, with their values."""
+    steps = raw.get("steps") if isinstance(raw, dict) else None
+    found: dict[str, Any] = {}
+    for step in steps.values() if isinstance(steps, dict) else ():
+        if isinstance(step, dict) and step.get("type") == "update_attribute":
+            name = step.get("attribute")
+            if isinstance(name, str) and name:
+                found[name] = step.get("value")
+    return found
+
+
+def _template_prover(session: Store, raw: Any) -> TemplateCheck:
+    """Proves each step's template as the send path would render it for this journey:
+    for a customer without attributes, then for one with every attribute seen on the
+    stored customers or set by the journey."""
+    journey = raw.get("slug") if isinstance(raw, dict) else None
+    known: dict[str, Any] | None = None
+
+    def problem(path: str, step: str) -> TemplateProblem | None:
+        nonlocal known
+        if known is None:
+            known = {**sample_attributes(session), **_attributes_set_by(raw)}
+        try:
+            prove_template(
+                load_template(session, path=path),
+                path=path,
+                known_attributes=known,
+                journey=journey if isinstance(journey, str) and journey else "sample-journey",
+                step=step,
+            )
+        except TemplateProblem as exc:
+            return exc
+        return None
+
+    return problem
+
+
 def validate_definition(
     session: Store, *, raw: Any
 ) -> tuple[JourneyDefinition | None, list[ErrorDetail]]:
-    """Parse and check `raw` against this store's templates and segments; every error."""
+    """Parse and check `raw` against this store's templates and segments; every error.
+
+    Every step's template must render for sample customers (`core.rendering.prove_template`).
+    """
     return validate_journey(
         raw,
         template_exists=lambda path: template_exists(session, path=path),
         segment_exists=lambda slug: segment_exists(session, slug=slug),
+        template_problem=_template_prover(session, raw),
     )
 
 

@@ -247,6 +247,27 @@ def test_sandbox_escape_is_recorded_as_failed(store_engine: Engine, stub: Provid
     assert run_events(store_engine)[0]["kind"] == "failed"
 
 
+def test_a_template_runtime_error_is_recorded_as_failed_with_its_line(
+    store_engine: Engine, stub: ProviderStub
+) -> None:
+    # Saved straight into the store, as a template from before templates were proven.
+    add_customer(store_engine, "c-1")
+    with Session(store_engine) as session:
+        save_template(
+            session,
+            path="broken/divide.html",
+            source="{% block subject %}hi{% endblock %}\n{% block html %}\n{{ 1 / 0 }}{% endblock %}",
+        )
+        session.commit()
+    result = _messenger(store_engine, stub).send_message(
+        send_input("c-1", template="broken/divide.html")
+    )
+    assert result.status == "failed"
+    assert "line 3: ZeroDivisionError" in (result.reason or "")
+    assert stub.requests == []
+    assert message_rows(store_engine)[0]["status"] == "failed"
+
+
 def test_frequency_cap_defers_then_skips(store_engine: Engine, stub: ProviderStub) -> None:
     add_customer(store_engine, "c-1")
     messenger = _messenger(store_engine, stub)
