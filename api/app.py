@@ -5,14 +5,19 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 
+from api.boundary import typed_request_bodies
 from api.deps import KeyCache, TemporalConnector
-from api.errors import install_error_handlers
+from api.errors import ErrorBody, install_error_handlers
 from api.limits import BodySizeLimit
 from core.db import make_engine
+from core.journeys import JourneyDefinition
 from core.migrate import migrate
 from core.settings import Settings, get_settings
 from store.event_writers import BulkWriter, EventWriter
@@ -60,7 +65,27 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     _include_routers(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus the schemas its routes name by reference: the error body
+    every 4xx answers, and the journey definition (a typed schema of every step type)."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in (ErrorBody, JourneyDefinition):
+            schema = TypeAdapter(model).json_schema(
+                ref_template="#/components/schemas/{model}", mode="validation"
+            )
+            components.update(schema.pop("$defs", {}))
+            components[model.__name__] = schema
+        typed_request_bodies(document)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _include_routers(app: FastAPI) -> None:

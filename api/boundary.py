@@ -89,8 +89,82 @@ def _parameter_problems(request: Request) -> list[ErrorDetail]:
     return problems
 
 
+ERROR_SCHEMA_REF = "#/components/schemas/ErrorBody"
+JOURNEY_DEFINITION_MARK = "x-journey-definition"
+"""Marks a body read as raw JSON whose documented schema is `JourneyDefinition`."""
+
+
+def typed_request_bodies(document: dict[str, Any]) -> None:
+    """Point every marked request body of an OpenAPI document at `JourneyDefinition`."""
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            content = operation.get("requestBody", {}).get("content", {})
+            for media in content.values():
+                if media.get("schema", {}).get(JOURNEY_DEFINITION_MARK):
+                    media["schema"] = {"$ref": "#/components/schemas/JourneyDefinition"}
+
+
+_DESCRIPTIONS = {
+    400: "Malformed JSON, or a body the route cannot read",
+    401: "Missing, unknown or revoked API key",
+    403: "The key's role may not do this",
+    404: "No such resource",
+    409: "The request conflicts with the resource's state (see the message)",
+    413: "The body is larger than the size limit",
+    422: "A field is invalid or out of bounds; `field` names it",
+    503: "A part the route needs (Temporal, the database) is not reachable",
+}
+
+
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {}}
+"""A route's `responses=` entry: it may answer 409 (the error body is filled in)."""
+NEEDS_TEMPORAL: dict[int | str, dict[str, Any]] = {503: {}}
+"""A route's `responses=` entry: it answers 503 while Temporal cannot be reached."""
+
+
+def error_response(status: int) -> dict[str, Any]:
+    """An OpenAPI response answering the contract's error body."""
+    return {
+        "description": _DESCRIPTIONS.get(status, "Refused"),
+        "content": {"application/json": {"schema": {"$ref": ERROR_SCHEMA_REF}}},
+    }
+
+
 class BoundedRoute(APIRoute):
-    """An APIRoute whose parameters and JSON body pass `core.bounds` before the handler."""
+    """An APIRoute whose parameters and JSON body pass `core.bounds` before the handler.
+
+    Its OpenAPI lists the 4xx it answers: 401 and 403 behind a key, 422 for any
+    parameter or body, 400 and 413 for a body, 404 for a path naming a resource, and
+    what the route declares itself (409, 503), each with the contract's error body.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        for status in sorted(self._errors_answered()):
+            current = self.responses.get(status) or self.responses.get(str(status))
+            if current is None or "content" not in current:
+                description = (current or {}).get("description")
+                self.responses[status] = error_response(status)
+                if description:
+                    self.responses[status]["description"] = description
+
+    def _errors_answered(self) -> set[int]:
+        answered = {int(s) for s in self.responses if str(s).isdigit() and int(s) >= 400}
+        calls = [d.call for d in self.dependant.dependencies]
+        if any(_is_role_check(call) for call in calls):
+            answered |= {401, 403}
+        if any(getattr(call, "__name__", "") == "get_temporal" for call in calls):
+            answered.add(503)
+        params = self.dependant.path_params + self.dependant.query_params
+        if params or self.body_field is not None:
+            answered.add(422)
+        if self.dependant.path_params:
+            answered.add(404)
+        if self.methods & {"POST", "PUT", "PATCH"}:
+            answered.add(413)
+            if self.body_field is not None:
+                answered.add(400)
+        return answered
 
     def get_route_handler(self) -> Handler:
         handler = super().get_route_handler()
@@ -108,6 +182,10 @@ class BoundedRoute(APIRoute):
             return await handler(request)
 
         return bounded
+
+
+def _is_role_check(call: Any) -> bool:
+    return "require_role" in getattr(call, "__qualname__", "")
 
 
 def _is_form(route: APIRoute) -> bool:

@@ -132,7 +132,10 @@ def get(customer_id: CustomerId, engine: EngineDep, _: ReaderKey) -> CustomerDet
 @router.post(
     "/bulk",
     response_model=BulkResult,
-    responses={422: {"description": "some lines rejected; the body reports what was stored"}},
+    responses={
+        400: {"description": "an empty body, or not NDJSON or a JSON array"},
+        422: {"description": "some lines rejected; the body reports what was stored"},
+    },
 )
 async def post_customers_bulk(request: Request, engine: EngineDep, _: IngestKey) -> BulkResult:
     """NDJSON of `{"customer_id", "email", "phone", "attributes"}`: upserts, attributes merged."""

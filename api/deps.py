@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from temporalio.client import Client
 
-from core.errors import Forbidden, Unauthorized
+from core.errors import Forbidden, JourneysError, Unauthorized
 from core.settings import Settings
 from store.keys import VerifiedKey, hash_key, verify_key
 
@@ -62,8 +62,20 @@ class TemporalConnector:
         return self._client
 
 
+class TemporalUnavailable(JourneysError):
+    status_code = 503
+    code = "temporal_unavailable"
+
+
 async def get_temporal(request: Request) -> Client:
-    return await request.app.state.temporal.get()
+    """The Temporal client; 503 naming the address while Temporal cannot be reached."""
+    connector: TemporalConnector = request.app.state.temporal
+    try:
+        return await asyncio.wait_for(connector.get(), timeout=10)
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        raise TemporalUnavailable(
+            f"Temporal at {connector.address} could not be reached; try again", field=None
+        ) from exc
 
 
 class KeyCache:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.bounds import error_message, error_path
@@ -17,6 +18,21 @@ from core.errors import ErrorDetail, JourneysError
 log = logging.getLogger("journeys.api")
 
 _BODY_PREFIXES = ("body", "query", "path", "header")
+
+
+class ErrorDetailPublic(BaseModel):
+    code: str = Field(description="what went wrong, e.g. invalid, not_found, in_use")
+    message: str
+    field: str | None = Field(description="the field and JSON path, e.g. steps.welcome.next")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx body; some carry more members (a bulk result beside `error`)."""
+
+    error: ErrorDetailPublic
+    errors: list[ErrorDetailPublic] = Field(
+        default_factory=list, description="every problem, when there are several"
+    )
 
 
 def field_path(loc: Sequence[Any]) -> str:

@@ -39,7 +39,10 @@ async def post_event(
 @router.post(
     "/bulk",
     response_model=BulkResult,
-    responses={422: {"description": "some lines rejected; the body reports what was stored"}},
+    responses={
+        400: {"description": "an empty body, or not NDJSON or a JSON array"},
+        422: {"description": "some lines rejected; the body reports what was stored"},
+    },
 )
 async def post_events_bulk(
     request: Request,

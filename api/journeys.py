@@ -11,9 +11,8 @@ from fastapi import Body, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.boundary import resource_router
-from api.deps import MarketerKey, SessionDep
-from core.errors import JourneysError
+from api.boundary import CONFLICT, JOURNEY_DEFINITION_MARK, NEEDS_TEMPORAL, resource_router
+from api.deps import MarketerKey, SessionDep, TemporalUnavailable
 from store.journeys import (
     SHIPPED_JOURNEYS_DIR,
     JourneyState,
@@ -45,18 +44,15 @@ DefinitionBody = Annotated[
     dict[str, Any],
     Body(
         description=(
-            "A journey definition (DESIGN.md): slug, name, trigger, goal, reentry, "
+            "A journey definition (docs/journeys.md): slug, name, trigger, goal, reentry, "
             "exit_on_segment_exit, start and steps (email, sms, delay, wait_for_event, "
-            "branch, update_attribute, exit)."
+            "branch, update_attribute, exit). Read as JSON so that validation can report "
+            "every error at once; its schema is `JourneyDefinition`."
         ),
         openapi_examples={"champions": {"summary": "Champions nurture", "value": _example()}},
+        json_schema_extra={JOURNEY_DEFINITION_MARK: True},
     ),
 ]
-
-
-class TemporalUnavailable(JourneysError):
-    status_code = 503
-    code = "temporal_unavailable"
 
 
 class ErrorPublic(BaseModel):
@@ -128,7 +124,7 @@ def _public(journey: JourneyState) -> JourneyPublic:
     return JourneyPublic(**journey.model_dump(exclude={"versions"}), versions=versions)
 
 
-@router.post("", response_model=JourneyPublic, status_code=201)
+@router.post("", response_model=JourneyPublic, status_code=201, responses={**CONFLICT})
 def post_journey(body: DefinitionBody, session: SessionDep, _: MarketerKey) -> JourneyPublic:
     """Create a journey as draft version 1; 422 lists every error, each naming its field."""
     create_journey(session, raw=body)
@@ -162,7 +158,7 @@ def get_one_journey(slug: str, session: SessionDep, _: MarketerKey) -> JourneyPu
     return _public(get_journey(session, slug=slug))
 
 
-@router.put("/{slug}", response_model=JourneyPublic)
+@router.put("/{slug}", response_model=JourneyPublic, responses={**CONFLICT})
 def put_one_journey(
     slug: str, body: DefinitionBody, session: SessionDep, _: MarketerKey
 ) -> JourneyPublic:
@@ -171,21 +167,21 @@ def put_one_journey(
     return _public(get_journey(session, slug=slug))
 
 
-@router.post("/{slug}/activate", response_model=JourneyPublic)
+@router.post("/{slug}/activate", response_model=JourneyPublic, responses={**CONFLICT})
 def post_activate(slug: str, session: SessionDep, _: MarketerKey) -> JourneyPublic:
     """The latest version becomes the active, immutable one; 422 if it is not valid now."""
     activate_journey(session, slug=slug)
     return _public(get_journey(session, slug=slug))
 
 
-@router.post("/{slug}/pause", response_model=JourneyPublic)
+@router.post("/{slug}/pause", response_model=JourneyPublic, responses={**CONFLICT})
 def post_pause(slug: str, session: SessionDep, _: MarketerKey) -> JourneyPublic:
     """Stop new entries; runs in flight carry on."""
     pause_journey(session, slug=slug)
     return _public(get_journey(session, slug=slug))
 
 
-@router.post("/{slug}/resume", response_model=JourneyPublic)
+@router.post("/{slug}/resume", response_model=JourneyPublic, responses={**CONFLICT})
 def post_resume(slug: str, session: SessionDep, _: MarketerKey) -> JourneyPublic:
     """Let new entries in again, on the active version."""
     resume_journey(session, slug=slug)
@@ -214,7 +210,9 @@ async def _cancel(request: Request, running: list[RunningWorkflow]) -> list[str]
     return cancelled
 
 
-@router.post("/{slug}/archive", response_model=ArchivePublic)
+@router.post(
+    "/{slug}/archive", response_model=ArchivePublic, responses={**CONFLICT, **NEEDS_TEMPORAL}
+)
 async def post_archive(
     slug: str, body: ArchiveRequest, request: Request, session: SessionDep, _: MarketerKey
 ) -> ArchivePublic:

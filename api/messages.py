@@ -11,7 +11,7 @@ from fastapi import Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session
 
-from api.boundary import resource_router
+from api.boundary import CONFLICT, resource_router
 from api.deps import MarketerKey, SessionDep, SettingsDep, SupportKey
 from core.cursors import MAX_POSITION
 from core.errors import Conflict, ErrorDetail, NotFound, ValidationFailed
@@ -211,7 +211,11 @@ def list_templates(session: SessionDep, _: MarketerKey) -> TemplatesPublic:
 
 
 @templates_router.post(
-    "", response_model=TemplatePublic, status_code=201, summary="Add a template (validated)"
+    "",
+    response_model=TemplatePublic,
+    status_code=201,
+    summary="Add a template (validated)",
+    responses={**CONFLICT},
 )
 def create_template(body: TemplateIn, session: SessionDep, _: MarketerKey) -> TemplatePublic:
     _proven(session, body.path, body.source)
@@ -224,7 +228,10 @@ def create_template(body: TemplateIn, session: SessionDep, _: MarketerKey) -> Te
 
 
 @templates_router.post(
-    "/preview", response_model=PreviewPublic, summary="Render for a sample customer"
+    "/preview",
+    response_model=PreviewPublic,
+    summary="Render for a sample customer",
+    responses={404: {"description": "no template at that path"}},
 )
 def preview_template(
     body: PreviewIn, session: SessionDep, settings: SettingsDep, _: MarketerKey

@@ -19,12 +19,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 
-from api.boundary import resource_router
-from api.deps import EngineDep, MarketerKey
+from api.boundary import CONFLICT, NEEDS_TEMPORAL, resource_router
+from api.deps import EngineDep, MarketerKey, TemporalUnavailable
 from api.schedules import sync_rfm_schedule
 from core.bounds import Instant
 from core.cursors import decode_cursor, encode_cursor
-from core.errors import ErrorDetail, JourneysError, ValidationFailed
+from core.errors import ErrorDetail, ValidationFailed
 from core.rfm import RfmModelCreate, RfmModelPublic, RfmModelUpdate, segment_slug
 from core.tables import utcnow
 from store import rfm_models as model_store
@@ -34,11 +34,6 @@ router = resource_router(prefix="/v1/rfm-models", tags=["rfm"])
 
 NDJSON = "application/x-ndjson"
 EXPORT_PAGE = 10_000
-
-
-class TemporalUnavailable(JourneysError):
-    status_code = 503
-    code = "temporal_unavailable"
 
 
 class RfmModelsPublic(BaseModel):
@@ -123,7 +118,9 @@ async def _sync_schedule(request: Request, slug: str, every: timedelta | None) -
         ) from exc
 
 
-@router.post("", response_model=RfmModelPublic, status_code=201)
+@router.post(
+    "", response_model=RfmModelPublic, status_code=201, responses={**CONFLICT, **NEEDS_TEMPORAL}
+)
 async def create(
     body: RfmModelCreate, request: Request, engine: EngineDep, _: MarketerKey
 ) -> RfmModelPublic:
@@ -157,7 +154,7 @@ def get(slug: str, engine: EngineDep, _: MarketerKey) -> RfmModelPublic:
         return model_store.get_model(conn, slug=slug).public()
 
 
-@router.put("/{slug}", response_model=RfmModelPublic)
+@router.put("/{slug}", response_model=RfmModelPublic, responses={**CONFLICT, **NEEDS_TEMPORAL})
 async def replace(
     slug: str, body: RfmModelUpdate, request: Request, engine: EngineDep, _: MarketerKey
 ) -> RfmModelPublic:
@@ -174,7 +171,7 @@ async def replace(
     return stored.public()
 
 
-@router.delete("/{slug}", response_model=RfmModelDeleted)
+@router.delete("/{slug}", response_model=RfmModelDeleted, responses={**CONFLICT, **NEEDS_TEMPORAL})
 async def delete(slug: str, request: Request, engine: EngineDep, _: MarketerKey) -> RfmModelDeleted:
     """Delete the model, its scores and segments (members exit, with transitions)."""
     with engine.begin() as conn:

@@ -16,7 +16,7 @@ from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.boundary import resource_router
-from api.deps import SessionDep, SettingsDep, SupportKey, TemporalDep
+from api.deps import SessionDep, SettingsDep, SupportKey, TemporalDep, TemporalUnavailable
 from core.errors import JourneysError, NotFound
 from core.runs import JourneyRunState
 from store.analytics import RunsPage, journey_exists, runs_by_step
@@ -39,11 +39,6 @@ class RunClosed(JourneysError):
 
     status_code = 409
     code = "run_closed"
-
-
-class TemporalUnavailable(JourneysError):
-    status_code = 503
-    code = "temporal_unavailable"
 
 
 class CustomerJourneys(BaseModel):

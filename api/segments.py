@@ -21,14 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
-from api.boundary import resource_router
-from api.deps import EngineDep, IngestKey, MarketerKey, SessionDep, SupportKey
+from api.boundary import CONFLICT, NEEDS_TEMPORAL, resource_router
+from api.deps import EngineDep, IngestKey, MarketerKey, SessionDep, SupportKey, TemporalUnavailable
 from api.schedules import delete_segment_schedule, upsert_segment_schedule
 from core.bounds import MAX_INSTANT, MIN_INSTANT
 from core.conditions import parse_instant
 from core.cursors import MAX_POSITION, decode_cursor, encode_cursor
 from core.durations import parse_duration
-from core.errors import Conflict, ErrorDetail, JourneysError, ValidationFailed
+from core.errors import Conflict, ErrorDetail, ValidationFailed
 from core.tables import UTCDateTime, utcnow
 from store import segments as segment_store
 from store.failures import FailureRecord, errors_by_key, forget_record
@@ -39,11 +39,6 @@ router = resource_router(prefix="/v1/segments", tags=["segments"])
 NDJSON = "application/x-ndjson"
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_.:\-]{0,199}$"
 MAX_CUSTOMER_IDS = 10_000
-
-
-class TemporalUnavailable(JourneysError):
-    status_code = 503
-    code = "temporal_unavailable"
 
 
 # --- request and response models -------------------------------------------------------
@@ -248,7 +243,13 @@ def _create_customers(conn: Connection, ids: list[str]) -> int:
 # --- routes ----------------------------------------------------------------------------
 
 
-@router.post("", response_model=SegmentPublic, status_code=201, summary="Create a segment")
+@router.post(
+    "",
+    response_model=SegmentPublic,
+    status_code=201,
+    summary="Create a segment",
+    responses={**CONFLICT, **NEEDS_TEMPORAL},
+)
 async def create_segment(
     body: SegmentCreate, request: Request, session: SessionDep, _: MarketerKey
 ) -> SegmentPublic:
@@ -294,7 +295,12 @@ def get_segment(slug: str, session: SessionDep, _: SupportKey) -> SegmentPublic:
     return _public(segment_store.get_segment(conn, slug=slug), errors_by_key(conn, kind="segment"))
 
 
-@router.put("/{slug}", response_model=SegmentPublic, summary="Replace a segment's definition")
+@router.put(
+    "/{slug}",
+    response_model=SegmentPublic,
+    summary="Replace a segment's definition",
+    responses={**CONFLICT, **NEEDS_TEMPORAL},
+)
 async def update_segment(
     slug: str, body: SegmentUpdate, request: Request, session: SessionDep, _: MarketerKey
 ) -> SegmentPublic:
@@ -312,7 +318,13 @@ async def update_segment(
     return _public(segment, {})
 
 
-@router.delete("/{slug}", status_code=204, response_class=Response, summary="Delete a segment")
+@router.delete(
+    "/{slug}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a segment",
+    responses={**CONFLICT, **NEEDS_TEMPORAL},
+)
 async def delete_segment(
     slug: str, request: Request, session: SessionDep, _: MarketerKey
 ) -> Response:
@@ -326,7 +338,10 @@ async def delete_segment(
 
 
 @router.post(
-    "/{slug}/evaluate", response_model=EvaluationPublic, summary="Evaluate a rule segment now"
+    "/{slug}/evaluate",
+    response_model=EvaluationPublic,
+    summary="Evaluate a rule segment now",
+    responses={**CONFLICT},
 )
 def evaluate_segment(slug: str, session: SessionDep, _: MarketerKey) -> EvaluationPublic:
     conn = _conn(session)
@@ -470,6 +485,7 @@ def _external(conn: Connection, slug: str) -> None:
     "/{slug}/entries",
     response_model=MembershipChangePublic,
     summary="External segment: customers entered",
+    responses={**CONFLICT},
 )
 def post_entries(
     slug: str, body: CustomerIdsRequest, session: SessionDep, _: IngestKey
@@ -493,6 +509,7 @@ def post_entries(
     "/{slug}/exits",
     response_model=MembershipChangePublic,
     summary="External segment: customers left",
+    responses={**CONFLICT},
 )
 def post_exits(
     slug: str, body: CustomerIdsRequest, session: SessionDep, _: IngestKey
