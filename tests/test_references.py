@@ -1,19 +1,24 @@
 """Referential integrity: a segment, an RFM model or a template still in use is not
 deleted (nor a model's map changed so a used label goes): 409 `in_use` naming every user,
-and nothing changes."""
+and nothing changes. RFM pass ids are never given out twice (migration 0007)."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
+from sqlalchemy import text
+
 from core.errors import Conflict
+from store import rfm_models as model_store
 from store import segments as segment_store
 from store.journeys import activate_journey, create_journey, pause_journey, put_journey
 from store.references import Reference, segment_users, template_users
+from store.scoring import score_model
 from tests.test_journeys_api import add_segments, definition
+from tests.test_store_smoke import _migrate
 from tests.utils.api import api_harness
-from tests.utils.rfm import model_body
+from tests.utils.rfm import T, load, make_model, model_body, purchase
 from tests.utils.segments import NOW, add_customer
 
 JOURNEY = "champions-nurture"
@@ -223,6 +228,82 @@ def test_users_are_typed_records_for_every_kind_of_reference(store_engine):
         ("paused", 1, "steps.recs.template"),
         ("draft", 2, "steps.recs.template"),
     ]
+
+
+def _pass_ids(engine, model: str = "default") -> list[int]:
+    ids = []
+    for day in range(2):
+        with engine.begin() as conn:
+            ids.append(score_model(conn, model_slug=model, as_of=T.replace(day=10 + day)).pass_id)
+    return ids
+
+
+def test_pass_ids_are_not_given_out_again_after_a_model_is_deleted(store_engine):
+    load(
+        store_engine,
+        [purchase("c1", T.replace(day=1), 10.0), purchase("c2", T.replace(day=2), 20.0)],
+    )
+    with store_engine.begin() as conn:
+        model_store.create_model(conn, model=make_model(), now=T)
+        model_store.create_model(conn, model=make_model(slug="other"), now=T)
+    before = _pass_ids(store_engine) + _pass_ids(store_engine, "other")
+    for _ in range(2):
+        with store_engine.begin() as conn:
+            model_store.delete_model(conn, slug="other", now=T)
+            model_store.delete_model(conn, slug="default", now=T)
+            model_store.create_model(conn, model=make_model(), now=T)
+            model_store.create_model(conn, model=make_model(slug="other"), now=T)
+        after = _pass_ids(store_engine, "other") + _pass_ids(store_engine)
+        assert min(after) > max(before), (before, after)
+        before += after
+
+
+def _passes_autoincrement(engine) -> bool:
+    with engine.connect() as conn:
+        sql = conn.execute(
+            text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'rfm_passes'")
+        ).scalar_one()
+    return "AUTOINCREMENT" in sql.upper()
+
+
+def test_the_pass_id_migration_starts_past_every_cited_pass_and_reverses(store_engine):
+    sqlite = store_engine.dialect.name == "sqlite"
+    if sqlite:
+        assert _passes_autoincrement(store_engine)
+    _migrate(store_engine, "0006")
+    if sqlite:
+        assert not _passes_autoincrement(store_engine)
+    # History from before 0007: passes deleted with their model, cited by transitions
+    # (and a live pass row written with an explicit id).
+    with store_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO segment_transitions (segment_slug, customer_id, kind, source,"
+                " context, occurred_at) VALUES ('gone:champions', 'c1', 'entered', :source,"
+                " '{}', CURRENT_TIMESTAMP)"
+            ),
+            [{"source": "rfm-pass:480"}, {"source": "rfm-realtime:650"}, {"source": "api"}],
+        )
+        conn.execute(
+            text(
+                "INSERT INTO rfm_passes (id, model_slug, model_version, as_of, started_at,"
+                " scored, entries, exits, cutpoints) VALUES (7, 'old', 1, CURRENT_TIMESTAMP,"
+                " CURRENT_TIMESTAMP, 0, 0, 0, '{}')"
+            )
+        )
+    _migrate(store_engine, "head")
+    if sqlite:
+        assert _passes_autoincrement(store_engine)
+    with store_engine.connect() as conn:
+        kept = conn.execute(text("SELECT model_slug FROM rfm_passes WHERE id = 7")).scalar_one()
+        index = conn.execute(
+            text("SELECT 1 FROM rfm_passes WHERE model_slug = 'old' ORDER BY id DESC LIMIT 1")
+        )
+    assert kept == "old" and index.first() is not None
+    load(store_engine, [purchase("c1", T.replace(day=1), 10.0)])
+    with store_engine.begin() as conn:
+        model_store.create_model(conn, model=make_model(), now=T)
+    assert min(_pass_ids(store_engine)) > 650
 
 
 def test_a_delete_waits_for_a_journey_being_saved_on_the_segment(postgres_engine):
