@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -55,8 +56,25 @@ class NotFound(JourneysError):
 
 
 class Conflict(JourneysError):
+    """409. `errors` carries every conflict when there are several (as ValidationFailed
+    does); `message`, `field` and `code` are then the first one's."""
+
     status_code = 409
     code = "conflict"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        code: str | None = None,
+        errors: Sequence[ErrorDetail] = (),
+    ):
+        super().__init__(message, field=field, code=code)
+        self.errors = list(errors)
+
+    def details(self) -> list[ErrorDetail]:
+        return self.errors or super().details()
 
 
 class Unauthorized(JourneysError):

@@ -173,8 +173,13 @@ class RfmPass(SQLModel, table=True):
     """One scoring pass; `cutpoints` keeps what real-time rescoring places customers on."""
 
     __tablename__ = "rfm_passes"
-    # Real-time rescoring reads a model's newest pass on every call.
-    __table_args__ = (Index("ix_rfm_passes_model_id", "model_slug", "id"),)
+    __table_args__ = (
+        # Real-time rescoring reads a model's newest pass on every call.
+        Index("ix_rfm_passes_model_id", "model_slug", "id"),
+        # Timelines cite passes by id after their model is deleted: SQLite must not give
+        # a deleted pass's id again (PostgreSQL's sequence never does; migration 0007).
+        {"sqlite_autoincrement": True},
+    )
 
     id: int | None = Field(
         default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True)

@@ -23,6 +23,7 @@ from core.journeys import JourneyDefinition, TemplateCheck, validate_journey
 from core.rendering import TemplateProblem, prove_template
 from core.tables import JSONType, UTCDateTime, utcnow
 from store.customers import sample_attributes
+from store.references import share_lock_clause
 from store.templates import SHIPPED_TEMPLATES_DIR, load_template, template_exists
 
 Store = Session | Connection
@@ -81,8 +82,12 @@ def _ts(name: str) -> Any:
 
 
 def segment_exists(session: Store, *, slug: str) -> bool:
-    """True when a segment row (rule, RFM label or external) has this slug."""
-    row = session.execute(text("SELECT 1 FROM segments WHERE slug = :slug"), {"slug": slug}).first()
+    """True when a segment row (rule, RFM label or external) has this slug. The row is
+    share-locked on PostgreSQL: a journey is about to name it, and a delete waits."""
+    row = session.execute(
+        text(f"SELECT 1 FROM segments WHERE slug = :slug{share_lock_clause(session)}"),
+        {"slug": slug},
+    ).first()
     return row is not None
 
 

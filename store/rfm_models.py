@@ -27,6 +27,7 @@ from core.tables import (
     Segment,
     SegmentMembership,
 )
+from store.references import lock_for_removal, refuse_if_used, segment_users
 from store.transitions import apply_membership
 
 models = RfmModel.__table__
@@ -157,11 +158,17 @@ def update_model(
     """Store a new version; the label segments follow the new map.
 
     Existing scores keep their labels until the next pass (or real-time rescoring); the
-    members of labels the new map no longer has exit now.
+    members of labels the new map no longer has exit now. Conflict `in_use` (field
+    `segment_map`) naming every user when a label the new map drops is still used
+    (`store.references`); nothing is written then.
     """
     current = get_model(conn, slug=slug, lock=True)
     new_definition = RfmModelDefinition.model_validate(_dump(definition))
     data = _dump(new_definition)
+    kept = {segment_slug(slug, label) for label in new_definition.labels()}
+    dropped = sorted(set(_owned_segments(conn, slug=slug)) - kept)
+    lock_for_removal(conn, table="segments", column="slug", keys=dropped)
+    refuse_if_used(segment_users(conn, slugs=dropped, except_model=slug), field="segment_map")
     _check_segment_slugs(conn, slug=slug, labels=new_definition.labels())
     _check_targeting(conn, slug=slug, definition=new_definition)
     version = current.version + 1
@@ -180,10 +187,15 @@ def update_model(
 def delete_model(conn: Connection, *, slug: str, now: datetime) -> int:
     """Remove a model, its versions, passes and scores; its segments' members exit.
 
-    Returns how many customers left a segment.
+    Returns how many customers left a segment. Conflict `in_use` naming every user while
+    a label segment is used by another segment, another model's targeting or a journey
+    not archived (`store.references`); nothing is removed then. Pass ids are not given
+    out again (migration 0007).
     """
     get_model(conn, slug=slug, lock=True)
     owned = _owned_segments(conn, slug=slug)
+    lock_for_removal(conn, table="segments", column="slug", keys=owned)
+    refuse_if_used(segment_users(conn, slugs=owned, except_model=slug), field="slug")
     exits = _empty_segments(conn, slugs=owned, source=f"rfm-delete:{slug}", now=now)
     conn.execute(delete(segments).where(segments.c.slug.in_(owned)))
     conn.execute(delete(scores).where(scores.c.model_slug == slug))

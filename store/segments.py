@@ -52,6 +52,7 @@ from store.failures import (
     failing_keys,
     record_failure,
 )
+from store.references import lock_for_removal, refuse_if_used, segment_users, share_lock_clause
 from store.transitions import MembershipDiff, apply_membership
 
 DEFAULT_SCHEDULE = "PT5M"
@@ -493,6 +494,7 @@ def validate_definition(
     refs = referenced_segments(parsed, path)
     if not refs:
         return parsed
+    _hold_referenced(conn, [ref for _, ref in refs])
     known = {r.slug: r for r in list_segments(conn)}
     errors: list[ErrorDetail] = []
     for node_path, ref in refs:
@@ -516,6 +518,18 @@ def validate_definition(
     if errors:
         raise ValidationFailed(errors)
     return parsed
+
+
+def _hold_referenced(conn: Connection, slugs: list[str]) -> None:
+    """Share-lock the named segments (PostgreSQL) so a delete waits for this save."""
+    lock = share_lock_clause(conn)
+    if lock:
+        conn.execute(
+            text(f"SELECT 1 FROM segments WHERE slug IN :slugs{lock}").bindparams(
+                bindparam("slugs", expanding=True)
+            ),
+            {"slugs": sorted(set(slugs))},
+        )
 
 
 def _dependency_graph(segments: Any) -> dict[str, set[str]]:
@@ -665,13 +679,13 @@ def update_segment(
 
 def delete_segment(conn: Connection, *, slug: str) -> None:
     """Delete a rule or external segment and its memberships (its transitions stay as
-    history). Conflict while another segment names it."""
+    history). Conflict `in_use` naming every user while a segment, an RFM model's
+    targeting or a journey not archived names it (`store.references`)."""
     current = get_segment(conn, slug=slug)
     if current.kind == "rfm":
         raise Conflict(f"{slug!r} belongs to RFM model {current.model_slug!r}", field="slug")
-    users = sorted(s for s, deps in _dependency_graph(list_segments(conn)).items() if slug in deps)
-    if users:
-        raise Conflict(f"segment {slug!r} is used by {', '.join(users)}", field="slug")
+    lock_for_removal(conn, table="segments", column="slug", keys=[slug])
+    refuse_if_used(segment_users(conn, slugs=[slug]), field="slug")
     conn.execute(text("DELETE FROM segment_memberships WHERE segment_slug = :slug"), {"slug": slug})
     conn.execute(text("DELETE FROM segments WHERE slug = :slug"), {"slug": slug})
 

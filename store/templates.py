@@ -19,6 +19,7 @@ from sqlmodel import Session
 
 from core.errors import ErrorDetail, NotFound, ValidationFailed
 from core.tables import UTCDateTime, utcnow
+from store.references import lock_for_removal, refuse_if_used, share_lock_clause, template_users
 
 SHIPPED_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_SUFFIXES = (".html", ".txt")
@@ -66,9 +67,11 @@ def _shipped_file(path: str) -> Path | None:
     return candidate
 
 
-def _stored_source(session: Store, path: str) -> str | None:
+def _stored_source(session: Store, path: str, *, hold: bool = False) -> str | None:
+    # `hold`: the row is about to be referenced; a delete waits for this transaction.
+    lock = share_lock_clause(session) if hold else ""
     row = session.execute(
-        text("SELECT source FROM templates WHERE path = :path"), {"path": path}
+        text(f"SELECT source FROM templates WHERE path = :path{lock}"), {"path": path}
     ).first()
     return None if row is None else row[0]
 
@@ -77,7 +80,7 @@ def template_exists(session: Store, *, path: str) -> bool:
     """True when `path` names a shipped template file or one added through the API."""
     if template_path_problem(path):
         return False
-    return _stored_source(session, path) is not None or _shipped_file(path) is not None
+    return _stored_source(session, path, hold=True) is not None or _shipped_file(path) is not None
 
 
 def load_template(session: Store, *, path: str) -> str:
@@ -155,7 +158,14 @@ def list_templates(session: Store) -> list[StoredTemplate]:
 
 
 def delete_template(session: Store, *, path: str) -> None:
-    """Delete the API-added template `path`; shipped files cannot be deleted (NotFound)."""
+    """Delete the API-added template `path`; shipped files cannot be deleted (NotFound).
+
+    Conflict `in_use` naming every journey step that uses it (`store.references`), unless
+    a shipped file of the same path takes its place.
+    """
+    if _shipped_file(path) is None and _stored_source(session, path) is not None:
+        lock_for_removal(session, table="templates", column="path", keys=[path])
+        refuse_if_used(template_users(session, path=path), field="path")
     deleted = session.execute(text("DELETE FROM templates WHERE path = :path"), {"path": path})
     if deleted.rowcount == 0:
         raise NotFound(

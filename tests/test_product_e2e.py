@@ -149,4 +149,10 @@ async def test_events_alone_bring_a_champion_their_welcome_email(dev_server_env,
                 .all()
             )
         assert len(sources) == 1 and sources[0].startswith("rfm-realtime:"), sources
-        await api.delete("/v1/rfm-models/default")
+        # A model whose segment triggers a journey that is not archived is in use (409).
+        response = await api.post(
+            f"/v1/journeys/{champions['slug']}/archive", json={"runs": "finish"}
+        )
+        assert response.status_code == 200, response.text
+        response = await api.delete("/v1/rfm-models/default")
+        assert response.status_code == 200, response.text
