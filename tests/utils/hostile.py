@@ -1,0 +1,140 @@
+"""Hostile JSON for the write routes: a valid body with one value (or one nested subtree)
+replaced by something no store keeps. Shared by the property tests and bench/fuzz.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+# What makes each value hostile, by class (the bench counts answers per class).
+HOSTILE_CLASSES = (
+    "nul",
+    "surrogate",
+    "big_integer",
+    "non_finite",
+    "deep",
+    "long_text",
+    "epoch_time",
+    "impossible_time",
+    "huge_duration",
+    "wrong_type",
+    "garbage",
+)
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """A value and its class; `Raw` text is spliced into the JSON as it is (NaN, 1e400)."""
+
+    kind: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Raw:
+    text: str
+
+
+def _nested(depth: int, leaf: Any = 1) -> Any:
+    value = leaf
+    for i in range(depth):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+_text = st.text(max_size=12)
+
+HOSTILE_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "nul": st.builds(lambda a, b: f"{a}\x00{b}", _text, _text),
+    "surrogate": st.sampled_from(["\udfff", "a\ud800", "\udc00b", "x\ud83d"]),
+    "big_integer": st.one_of(
+        st.integers(min_value=2**63, max_value=2**80),
+        st.integers(min_value=-(2**80), max_value=-(2**63) - 1),
+        st.just(Raw("1" + "0" * 400)),
+    ),
+    "non_finite": st.sampled_from([Raw("NaN"), Raw("Infinity"), Raw("-Infinity"), Raw("1e400")]),
+    "deep": st.integers(min_value=33, max_value=300).map(_nested),
+    "long_text": st.integers(min_value=70_000, max_value=90_000).map(lambda n: "x" * n),
+    "epoch_time": st.one_of(
+        st.integers(min_value=0, max_value=2_000_000_000),
+        st.integers(min_value=0, max_value=2_000_000_000).map(str),
+    ),
+    "impossible_time": st.sampled_from(
+        [
+            "2026-02-30T00:00:00Z",
+            "2025-02-29T10:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-11-20T24:00:00Z",
+            "2026-11-20T10:00:00",
+            "9999-12-31T23:59:59Z",
+            "0001-01-01T00:00:00Z",
+            "2026-11-20T10:00:00+99:00",
+        ]
+    ),
+    "huge_duration": st.integers(min_value=3661, max_value=10**30).map(lambda n: f"P{n}D"),
+    "wrong_type": st.sampled_from([[], {}, True, None, 0, "yes", [1, 2]]),
+    "garbage": st.text(min_size=1, max_size=40),
+}
+
+hostile_values = st.sampled_from(HOSTILE_CLASSES).flatmap(
+    lambda kind: HOSTILE_VALUES[kind].map(lambda value: Hostile(kind, value))
+)
+
+
+def dumps(body: Any) -> bytes:
+    """JSON text of `body`, with `Raw` values spliced in as they are."""
+    marks: dict[str, str] = {}
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, Raw):
+            token = f"__raw_{len(marks)}__"
+            marks[f'"{token}"'] = value.text
+            return token
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    text = json.dumps(mark(body))  # ensure_ascii: a lone surrogate travels as \\udfff
+    for token, raw in marks.items():
+        text = text.replace(token, raw)
+    return text.encode()
+
+
+def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in `value` a hostile value can go: each member, and a new key."""
+    found: list[tuple[Any, ...]] = [prefix] if prefix else []
+    if isinstance(value, dict):
+        found.append((*prefix, "hostile_key"))
+        for key, item in value.items():
+            found.extend(paths(item, (*prefix, key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found.extend(paths(item, (*prefix, index)))
+    return found
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    """A copy of `value` with the member at `path` set to `new`."""
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        copy = dict(value)
+        copy[head] = replaced(value.get(head), rest, new)
+        return copy
+    copy = list(value)
+    copy[head] = replaced(value[head], rest, new)
+    return copy
+
+
+@st.composite
+def hostile_bodies(draw: st.DrawFn, valid: Any) -> tuple[Any, Hostile, tuple[Any, ...]]:
+    """`valid` with one member replaced by a hostile value: (body, what, where)."""
+    where = draw(st.sampled_from(paths(valid)))
+    what = draw(hostile_values)
+    return replaced(valid, where, what.value), what, where
