@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,11 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from core.tables import utcnow
 from tests.test_fuzz_api import assert_error_shape
 from tests.test_quarantine import _create_rule_segment, _drain, _members
 from tests.utils.api import ApiHarness, api_harness
-from tests.utils.hostile import dumps, hostile_bodies
+from tests.utils.hostile import (
+    CONDITION,
+    CUSTOMER,
+    JOURNEY,
+    MODEL,
+    SEGMENT,
+    dumps,
+    hostile_bodies,
+    purchase,
+)
 
 EXAMPLES = 60
 TABLES = ("events", "customers", "segments", "rfm_models", "journeys", "templates")
@@ -32,69 +39,6 @@ PROPERTY_SETTINGS = settings(
 )
 
 
-def _event(event_id: str = "e-ok", customer_id: str = "c-ok") -> dict[str, Any]:
-    return {
-        "event_id": event_id,
-        "customer_id": customer_id,
-        "name": "Purchase",
-        "occurred_at": (utcnow() - timedelta(hours=1)).isoformat(),
-        "properties": {"total_price": 42.5, "items": [{"sku": "a", "qty": 2}], "note": "hi"},
-    }
-
-
-CONDITION = {
-    "all": [
-        {
-            "event": "Purchase",
-            "count": {"gte": 1},
-            "within": "P30D",
-            "where": [{"property": "total_price", "op": "gte", "value": 10}],
-        },
-        {
-            "any": [
-                {"attribute": "plan", "op": "in", "value": ["pro", "team"]},
-                {"not": {"attribute": "signed_up_at", "op": "after", "value": "P30D"}},
-                {"event": "*", "last": {"more_than": "P7D"}},
-            ]
-        },
-    ]
-}
-SEGMENT = {"slug": "hostile-seg", "name": "Hostile", "condition": CONDITION, "schedule": "PT5M"}
-MODEL = {
-    "slug": "hostile-model",
-    "name": "Hostile",
-    "recency_event": "Purchase",
-    "frequency_event": "Purchase",
-    "monetary_event": "Purchase",
-    "monetary_property": "total_price",
-    "timeframe": "P90D",
-    "targeting": {"attribute": "email", "op": "exists", "value": True},
-    "segment_map": "seed5",
-    "realtime": True,
-}
-JOURNEY = {
-    "slug": "hostile-journey",
-    "name": "Hostile",
-    "trigger": {"segment": "buyers"},
-    "goal": {"event": "Purchase", "within": "P30D"},
-    "reentry": {"policy": "after_completion", "cooldown": "P30D"},
-    "start": "welcome",
-    "steps": {
-        "welcome": {"type": "email", "template": "champions/welcome.html", "next": "wait"},
-        "wait": {"type": "delay", "duration": "P2D", "next": "branch"},
-        "branch": {
-            "type": "branch",
-            "cases": [
-                {"condition": {"attribute": "plan", "op": "eq", "value": "pro"}, "next": "done"}
-            ],
-            "default": "done",
-        },
-        "done": {"type": "exit"},
-    },
-}
-CUSTOMER = {"email": "ada@example.com", "attributes": {"plan": "pro", "address": {"city": "Oslo"}}}
-
-
 @pytest.fixture
 def api(store_engine: Engine, dev_server_env: Any) -> Iterator[ApiHarness]:
     target = dev_server_env.client.service_client.config.target_host
@@ -104,7 +48,7 @@ def api(store_engine: Engine, dev_server_env: Any) -> Iterator[ApiHarness]:
         )
         yield harness
         # After everything accepted: real time still flows for a healthy customer.
-        after = harness.post("/v1/events", "ingest", json=_event("e-after", "healthy-after"))
+        after = harness.post("/v1/events", "ingest", json=purchase("e-after", "healthy-after"))
         assert after.status_code == 201, after.text
         _drain(store_engine, rounds=50)
         assert "healthy-after" in _members(store_engine, "buyers")
@@ -134,7 +78,7 @@ def _check(api: ApiHarness, response: Any, before: dict[str, int], what: Any) ->
 @pytest.mark.parametrize(
     ("method", "path", "valid", "role"),
     [
-        ("POST", "/v1/events", _event(), "ingest"),
+        ("POST", "/v1/events", purchase(), "ingest"),
         ("PUT", "/v1/customers/c-hostile", CUSTOMER, "ingest"),
         ("PATCH", "/v1/customers/c-hostile", CUSTOMER, "ingest"),
         ("POST", "/v1/segments", SEGMENT, "marketer"),
@@ -171,12 +115,12 @@ def _forget_created(api: ApiHarness) -> None:
 def test_a_hostile_bulk_line_is_rejected_alone(api: ApiHarness) -> None:
     counter = iter(range(10**9))
 
-    @given(case=hostile_bodies(_event()))
+    @given(case=hostile_bodies(purchase()))
     @PROPERTY_SETTINGS
     def one(case: Any) -> None:
         body, what, where = case
         n = next(counter)
-        first, last = _event(f"ok-a-{n}", f"c-a-{n}"), _event(f"ok-b-{n}", f"c-b-{n}")
+        first, last = purchase(f"ok-a-{n}", f"c-a-{n}"), purchase(f"ok-b-{n}", f"c-b-{n}")
         if isinstance(body, dict) and body.get("event_id") == "e-ok":
             body = {**body, "event_id": f"h-{n}"}
         lines = [json.dumps(first).encode(), dumps(body), json.dumps(last).encode()]

@@ -5,9 +5,79 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from hypothesis import strategies as st
+
+from core.tables import utcnow
+
+# --- valid bodies of the write routes, to be made hostile one member at a time --------
+
+
+def purchase(event_id: str = "e-ok", customer_id: str = "c-ok") -> dict[str, Any]:
+    """A valid purchase an hour ago."""
+    return {
+        "event_id": event_id,
+        "customer_id": customer_id,
+        "name": "Purchase",
+        "occurred_at": (utcnow() - timedelta(hours=1)).isoformat(),
+        "properties": {"total_price": 42.5, "items": [{"sku": "a", "qty": 2}], "note": "hi"},
+    }
+
+
+CONDITION = {
+    "all": [
+        {
+            "event": "Purchase",
+            "count": {"gte": 1},
+            "within": "P30D",
+            "where": [{"property": "total_price", "op": "gte", "value": 10}],
+        },
+        {
+            "any": [
+                {"attribute": "plan", "op": "in", "value": ["pro", "team"]},
+                {"not": {"attribute": "signed_up_at", "op": "after", "value": "P30D"}},
+                {"event": "*", "last": {"more_than": "P7D"}},
+            ]
+        },
+    ]
+}
+SEGMENT = {"slug": "hostile-seg", "name": "Hostile", "condition": CONDITION, "schedule": "PT5M"}
+MODEL = {
+    "slug": "hostile-model",
+    "name": "Hostile",
+    "recency_event": "Purchase",
+    "frequency_event": "Purchase",
+    "monetary_event": "Purchase",
+    "monetary_property": "total_price",
+    "timeframe": "P90D",
+    "targeting": {"attribute": "email", "op": "exists", "value": True},
+    "segment_map": "seed5",
+    "realtime": True,
+}
+JOURNEY = {
+    "slug": "hostile-journey",
+    "name": "Hostile",
+    "trigger": {"segment": "buyers"},
+    "goal": {"event": "Purchase", "within": "P30D"},
+    "reentry": {"policy": "after_completion", "cooldown": "P30D"},
+    "start": "welcome",
+    "steps": {
+        "welcome": {"type": "email", "template": "champions/welcome.html", "next": "wait"},
+        "wait": {"type": "delay", "duration": "P2D", "next": "branch"},
+        "branch": {
+            "type": "branch",
+            "branches": [
+                {"condition": {"attribute": "plan", "op": "eq", "value": "pro"}, "next": "done"}
+            ],
+            "default": "done",
+        },
+        "done": {"type": "exit"},
+    },
+}
+CUSTOMER = {"email": "ada@example.com", "attributes": {"plan": "pro", "address": {"city": "Oslo"}}}
+
 
 # What makes each value hostile, by class (the bench counts answers per class).
 HOSTILE_CLASSES = (
