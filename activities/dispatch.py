@@ -184,10 +184,15 @@ class TransitionDispatcher:
                 return {}, counts, set_aside
             entered = [r for r in rows if r["kind"] == "entered"]
             exited = [r for r in rows if r["kind"] != "entered"]
-            journeys = {
-                segment: journey_store.active_journeys_for_segment(conn, segment_slug=segment)
-                for segment in {r["segment_slug"] for r in entered}
-            }
+            journeys: dict[str, list[Any]] = {}
+            for segment in sorted({r["segment_slug"] for r in entered}):
+                journeys[segment] = []
+                for journey in journey_store.triggered_journeys(conn, segment_slug=segment):
+                    if isinstance(journey, journey_store.UnreadableJourney):
+                        subject = FailureSubject("journey", journey.slug, "dispatch")
+                        set_aside.append(_set_aside(subject, ValueError(journey.error), counts))
+                    else:
+                        journeys[segment].append(journey)
             last: dict[tuple[str, str], RunSummary] = {}
             for segment, active in journeys.items():
                 customers = [r["customer_id"] for r in entered if r["segment_slug"] == segment]

@@ -13,7 +13,7 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
@@ -58,6 +58,15 @@ class ActiveJourney(BaseModel):
     slug: str
     version: int
     definition: JourneyDefinition
+
+
+class UnreadableJourney(BaseModel):
+    """An active journey whose stored definition no longer validates (stored by an older
+    version, or by hand): it starts no run until it is fixed."""
+
+    slug: str
+    version: int
+    error: str
 
 
 class RunningWorkflow(BaseModel):
@@ -437,6 +446,19 @@ def active_journeys_for_segment(session: Store, *, segment_slug: str) -> list[Ac
     """Journeys that start a run when a customer enters `segment_slug`: state active and
     the active version's trigger is that segment. Paused, archived and draft ones are not
     returned. Each carries the active version's definition, the snapshot a run takes."""
+    return [
+        journey
+        for journey in triggered_journeys(session, segment_slug=segment_slug)
+        if isinstance(journey, ActiveJourney)
+    ]
+
+
+def triggered_journeys(
+    session: Store, *, segment_slug: str
+) -> list[ActiveJourney | UnreadableJourney]:
+    """`active_journeys_for_segment`, and beside them each active journey whose stored
+    definition no longer validates, with its error: one unreadable journey must not keep
+    the others from starting."""
     rows = session.execute(
         text(
             "SELECT j.slug, v.version, v.definition FROM journeys j"
@@ -445,12 +467,15 @@ def active_journeys_for_segment(session: Store, *, segment_slug: str) -> list[Ac
         ).columns(definition=JSONType),
         {"segment": segment_slug},
     )
-    return [
-        ActiveJourney(
-            slug=slug, version=version, definition=JourneyDefinition.model_validate(definition)
-        )
-        for slug, version, definition in rows
-    ]
+    found: list[ActiveJourney | UnreadableJourney] = []
+    for slug, version, definition in rows:
+        try:
+            parsed = JourneyDefinition.model_validate(definition)
+        except ValidationError as exc:
+            found.append(UnreadableJourney(slug=slug, version=version, error=str(exc)))
+            continue
+        found.append(ActiveJourney(slug=slug, version=version, definition=parsed))
+    return found
 
 
 # --- the seed's five journeys, shipped in templates/journeys/ -------------------------
