@@ -3,6 +3,7 @@ databases (each case here answered 5xx, or was stored, before the input bounds).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -310,3 +311,49 @@ def test_a_journey_delay_beyond_the_maximum_is_named(api: ApiHarness) -> None:
 def test_analytics_of_a_version_beyond_32_bits_is_a_422(api: ApiHarness) -> None:
     response = api.get("/v1/journeys/j/analytics?version=99999999999999999999", "marketer")
     _assert_refused(response, "version")
+
+
+# --- the same body, the same answer on both databases ---------------------------------------
+
+SAME_ANSWER_CASES = [
+    ("/v1/events", "ingest", json.dumps({**EVENT, "event_id": "e\x00"})),
+    ("/v1/events", "ingest", json.dumps({**EVENT, "properties": {"n": 2**64}})),
+    ("/v1/events", "ingest", json.dumps({**EVENT, "occurred_at": "2026-02-30T00:00:00Z"})),
+    ("/v1/events", "ingest", json.dumps({**EVENT, "properties": _nested(40)})),
+    (
+        "/v1/events",
+        "ingest",
+        '{"event_id": "e", "customer_id": "c", "name": "n",'
+        ' "occurred_at": "2026-11-20T10:00:00Z", "properties": {"k": NaN}}',
+    ),
+    (
+        "/v1/segments",
+        "marketer",
+        json.dumps({"slug": "s", "name": "S", "condition": _nested_not(50)}),
+    ),
+    (
+        "/v1/segments/preview",
+        "marketer",
+        json.dumps({"condition": {"attribute": "a\x00", "op": "eq", "value": 1}}),
+    ),
+    (
+        "/v1/rfm-models",
+        "marketer",
+        json.dumps({"slug": "m", "name": "M", "timeframe": "P999999999D"}),
+    ),
+]
+
+
+def test_sqlite_and_postgresql_answer_the_same_body_the_same_way(
+    sqlite_engine: Engine, postgres_engine: Engine
+) -> None:
+    answers: dict[str, list[tuple[int, str, str | None]]] = {}
+    for name, engine in (("sqlite", sqlite_engine), ("postgres", postgres_engine)):
+        with api_harness(engine) as api:
+            answers[name] = []
+            for path, role, body in SAME_ANSWER_CASES:
+                response = _post_raw(api, path, body, role)
+                error = response.json()["error"]
+                answers[name].append((response.status_code, error["code"], error["field"]))
+    assert answers["sqlite"] == answers["postgres"]
+    assert all(400 <= status < 500 for status, _, _ in answers["sqlite"])
