@@ -241,3 +241,128 @@ async def test_an_unreadable_journey_is_set_aside_and_the_others_start(
     with store_engine.connect() as conn:
         [failure] = failures_of(conn, kind="journey", key="unreadable")
     assert failure.stage == "dispatch" and "duration" in failure.error
+
+
+async def test_beside_every_poison_a_purchase_reaches_its_segment_and_journey(
+    dev_server_env: Any, store_engine: Engine
+) -> None:
+    """The whole pipeline (API, real-time processor, dispatcher, JourneyWorkflow, outbox)
+    on a real Temporal dev server, with every poison planted: the healthy customer's
+    purchase becomes a membership, a run and a welcome email. The time it takes is
+    printed; bench/fuzz.py holds it to 2 s on a quiet machine."""
+    import asyncio
+    import json
+    import time
+    import uuid
+    from pathlib import Path
+
+    from httpx import ASGITransport, AsyncClient
+    from sqlmodel import Session
+
+    from api.app import create_app
+    from store.keys import create_key
+    from worker import build_worker, connect_client, ensure_background_workflows
+
+    engine = store_engine
+    queue = f"poison-{uuid.uuid4().hex[:8]}"
+    settings = settings_for_tests(
+        temporal_address=dev_server_env.client.service_client.config.target_host,
+        task_queue=queue,
+        realtime_poll_seconds=0.05,
+        dispatch_poll_seconds=0.05,
+        worker_workflow_pollers=4,
+        worker_activity_pollers=4,
+    )
+    with Session(engine) as session:
+        _, admin = create_key(session, role="admin", name="poison")
+        session.commit()
+    welcome = json.loads(
+        (Path(__file__).resolve().parent.parent / "templates/journeys/champions.json").read_text()
+    )
+    journey = {
+        **welcome,
+        "slug": "buyers-welcome",
+        "trigger": {"segment": "buyers"},
+        "goal": None,
+        "start": "welcome",
+        "steps": {"welcome": {**welcome["steps"]["welcome"], "next": None}},
+    }
+    postgres = engine.dialect.name == "postgresql"
+    client = await connect_client(settings)
+    app = create_app(settings, engine)
+    async with (
+        build_worker(client, settings, engine),
+        app.router.lifespan_context(app),
+        AsyncClient(
+            transport=ASGITransport(app=app),
+            base_url="http://api",
+            headers={"Authorization": f"Bearer {admin}"},
+        ) as api,
+    ):
+        await ensure_background_workflows(client, settings)
+        _create_rule_segment(engine, "buyers", BUYERS)
+        for slug, condition in POISON_SEGMENTS.items():
+            _plant_segment(engine, slug, condition)
+        for raw in (journey, {**journey, "slug": "unreadable"}):
+            assert (await api.post("/v1/journeys", json=raw)).status_code == 201
+            assert (await api.post(f"/v1/journeys/{raw['slug']}/activate")).status_code == 200
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE journey_versions SET definition = :d WHERE journey_slug = 'unreadable'"
+                ),
+                {"d": '{"slug": "unreadable", "steps": {}}'},
+            )
+        for customer in ("bad-date", "bad-json"):
+            body = {
+                "event_id": f"e-{customer}",
+                "customer_id": customer,
+                "name": "Signup",
+                "occurred_at": utcnow().isoformat(),
+            }
+            assert (await api.post("/v1/events", json=body)).status_code == 201
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE customers SET attributes = :a, realtime_pending = TRUE WHERE id = 'bad-date'"
+                ),
+                {"a": '{"signed_up_at": "2026-02-30T00:00:00Z"}'},
+            )
+            if not postgres:
+                conn.execute(
+                    text(
+                        """UPDATE customers SET attributes = '{"k": NaN}', realtime_pending = 1"""
+                        " WHERE id = 'bad-json'"
+                    )
+                )
+
+        profile = {"email": "healthy@example.com", "attributes": {"first_name": "Ada"}}
+        assert (await api.put("/v1/customers/healthy", json=profile)).status_code == 201
+        await asyncio.sleep(0.5)  # the profile's own real-time pass, before the clock starts
+        started = time.monotonic()
+        body = {
+            "event_id": "e-healthy",
+            "customer_id": "healthy",
+            "name": "Purchase",
+            "occurred_at": utcnow().isoformat(),
+            "properties": {"total_price": 10},
+        }
+        assert (await api.post("/v1/events", json=body)).status_code == 201
+        reached: dict[str, float] = {}
+        while len(reached) < 2 and time.monotonic() - started < 60:
+            profile = (await api.get("/v1/customers/healthy")).json()
+            if "segment" not in reached and any(
+                s["segment"] == "buyers" for s in profile["segments"]
+            ):
+                reached["segment"] = time.monotonic() - started
+            outbox = (await api.get("/v1/outbox", params={"customer_id": "healthy"})).json()
+            if "email" not in reached and outbox["data"]:
+                reached["email"] = time.monotonic() - started
+            await asyncio.sleep(0.05)
+        print(f"\nbeside the poison ({engine.dialect.name}): {reached}")
+        assert set(reached) == {"segment", "email"}, reached
+        failing = {
+            (f["kind"], f["key"]) for f in (await api.get("/v1/health/failures")).json()["data"]
+        }
+        assert {("segment", slug) for slug in POISON_SEGMENTS} <= failing
+        assert ("journey", "unreadable") in failing
