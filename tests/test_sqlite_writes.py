@@ -21,10 +21,11 @@ from sqlmodel import Session
 from activities.realtime import RealtimeActivities
 from api.app import create_app
 from core.db import sqlite_statement_writes
-from core.events import EventIn
+from core.events import EventIn, EventRecord
 from core.tables import utcnow
 from store import segments as segment_store
-from store.event_writers import EventWriter
+from store.event_writers import BulkWriter, EventWriter
+from store.events import KnownCustomers
 from store.keys import create_key
 from store.scoring import score_model
 from tests.utils.api import api_harness, settings_for_tests
@@ -156,16 +157,26 @@ def _begins(statements: list[str]) -> list[str]:
     return [s for s in statements if s.upper().startswith("BEGIN")]
 
 
-async def test_single_events_take_the_lock_once(sqlite_engine, traced):
-    writer = EventWriter(sqlite_engine)
-    await writer.open()
+async def test_ingest_takes_the_lock_once_a_group(sqlite_engine, traced):
+    single = EventWriter(sqlite_engine)
+    bulk = BulkWriter(sqlite_engine, KnownCustomers())
+    await single.open()
+    await bulk.open()
     try:
         traced.clear()
         visit = EventIn(event_id="e-1", customer_id="c-1", name="Visit", occurred_at=NOW)
-        assert await writer.write(visit)
+        assert await single.write(visit)
+        assert _begins(traced) == ["BEGIN IMMEDIATE"]
+        traced.clear()
+        batch: list[EventRecord] = [
+            {"event_id": f"b-{n}", "customer_id": "c-2", "name": "Visit", "occurred_at": NOW}
+            for n in range(3)
+        ]
+        assert await bulk.write(batch, realtime=False) == 3
+        assert _begins(traced) == ["BEGIN IMMEDIATE"]
     finally:
-        await writer.close()
-    assert _begins(traced) == ["BEGIN IMMEDIATE"]
+        await bulk.close()
+        await single.close()
 
 
 def test_reads_take_no_lock_and_a_write_takes_it_once(sqlite_engine, traced):
