@@ -29,7 +29,8 @@ async def get_engine_dep(request: Request) -> Engine:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One transaction per request: committed when the handler returns, rolled back on error."""
+    """One transaction per request: committed when the handler returns (before the answer
+    goes out, see SessionDep), rolled back on error."""
     with Session(request.app.state.engine, expire_on_commit=False) as session:
         try:
             yield session
@@ -145,7 +146,9 @@ def require_role(*roles: str) -> Callable[..., VerifiedKey]:
     return check
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the commit runs before the response is sent. At the default scope it
+# ran after, so a client could act on a 201 whose row was not committed yet (or never).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 EngineDep = Annotated[Engine, Depends(get_engine_dep)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 TemporalDep = Annotated[Client, Depends(get_temporal)]

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -218,12 +219,14 @@ async def post_archive(
 ) -> ArchivePublic:
     """Archive for good: no new entries. `runs` says whether runs in flight finish or are
     cancelled; a cancel that cannot reach Temporal fails with 503 and archives nothing."""
-    result = archive_journey(session, slug=slug, runs=body.runs)
+    # In the thread pool: a SQLite write waiting for the lock must not stop the event loop.
+    result = await run_in_threadpool(archive_journey, session, slug=slug, runs=body.runs)
     cancelled: list[str] = []
     if body.runs == "cancel" and result.running:
         cancelled = await _cancel(request, result.running)
+    journey = await run_in_threadpool(get_journey, session, slug=slug)
     return ArchivePublic(
-        journey=_public(get_journey(session, slug=slug)),
+        journey=_public(journey),
         runs=body.runs,
         in_flight=len(result.running),
         cancelled=cancelled,

@@ -3,7 +3,8 @@
 A model with a `schedule` has a Temporal Schedule (`rfm-score:{slug}`). Saving or
 deleting such a model talks to Temporal inside the database transaction: if Temporal
 cannot be reached the transaction is rolled back and the answer is 503, so a stored
-model always has the schedule it says it has.
+model always has the schedule it says it has. The transaction and its statements run in
+the thread pool, never on the event loop (see api/segments.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Annotated
 
 import orjson
 from fastapi import Header, Query, Request
+from fastapi.concurrency import contextmanager_in_threadpool, run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from api.boundary import CONFLICT, NEEDS_TEMPORAL, resource_router
 from api.deps import EngineDep, MarketerKey, TemporalUnavailable
@@ -29,6 +31,7 @@ from core.rfm import RfmModelCreate, RfmModelPublic, RfmModelUpdate, segment_slu
 from core.tables import utcnow
 from store import rfm_models as model_store
 from store import scoring as scoring_store
+from store.rfm_models import StoredModel
 
 router = resource_router(prefix="/v1/rfm-models", tags=["rfm"])
 
@@ -125,8 +128,8 @@ async def create(
     body: RfmModelCreate, request: Request, engine: EngineDep, _: MarketerKey
 ) -> RfmModelPublic:
     """Create a model (version 1) and its label segments `slug:label`."""
-    with engine.begin() as conn:
-        stored = model_store.create_model(conn, model=body, now=utcnow())
+    async with contextmanager_in_threadpool(engine.begin()) as conn:
+        stored = await run_in_threadpool(model_store.create_model, conn, model=body, now=utcnow())
         if body.schedule is not None:
             await _sync_schedule(request, body.slug, body.schedule)
     return stored.public()
@@ -163,9 +166,13 @@ async def replace(
         raise ValidationFailed(
             [ErrorDetail("invalid", f"slug {body.slug!r} is not the path's {slug!r}", "slug")]
         )
-    with engine.begin() as conn:
+
+    def update(conn: Connection) -> tuple[StoredModel, StoredModel]:
         before = model_store.get_model(conn, slug=slug, lock=True)
-        stored = model_store.update_model(conn, slug=slug, definition=body, now=utcnow())
+        return before, model_store.update_model(conn, slug=slug, definition=body, now=utcnow())
+
+    async with contextmanager_in_threadpool(engine.begin()) as conn:
+        before, stored = await run_in_threadpool(update, conn)
         if before.definition.schedule is not None or body.schedule is not None:
             await _sync_schedule(request, slug, body.schedule)
     return stored.public()
@@ -174,9 +181,13 @@ async def replace(
 @router.delete("/{slug}", response_model=RfmModelDeleted, responses={**CONFLICT, **NEEDS_TEMPORAL})
 async def delete(slug: str, request: Request, engine: EngineDep, _: MarketerKey) -> RfmModelDeleted:
     """Delete the model, its scores and segments (members exit, with transitions)."""
-    with engine.begin() as conn:
+
+    def delete_(conn: Connection) -> tuple[StoredModel, int]:
         before = model_store.get_model(conn, slug=slug, lock=True)
-        exits = model_store.delete_model(conn, slug=slug, now=utcnow())
+        return before, model_store.delete_model(conn, slug=slug, now=utcnow())
+
+    async with contextmanager_in_threadpool(engine.begin()) as conn:
+        before, exits = await run_in_threadpool(delete_, conn)
         if before.definition.schedule is not None:
             await _sync_schedule(request, slug, None)
     return RfmModelDeleted(slug=slug, exits=exits)

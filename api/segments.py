@@ -4,6 +4,9 @@ entries / exits of externally owned segments.
 Saving or deleting a rule segment creates, updates or deletes its Temporal Schedule
 (`segment-eval:{slug}`) in the same request; if Temporal cannot be reached the change is
 rolled back and the answer is 503, so a stored rule segment always has its schedule.
+Those routes await Temporal, so they are async, and their store calls go to the thread
+pool: a SQLite write waiting for the lock on the event loop would stop every request,
+the one holding the lock among them (its commit is scheduled there), for the busy timeout.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import bindparam, text
@@ -258,14 +262,16 @@ async def create_segment(
         raise ValidationFailed(
             [ErrorDetail("invalid", "an external segment has no schedule", "schedule")]
         )
-    segment = segment_store.create_segment(
-        _conn(session),
-        slug=body.slug,
-        name=body.name,
-        kind=kind,
-        condition=body.condition,
-        schedule=body.schedule,
-        now=utcnow(),
+    segment = await run_in_threadpool(
+        lambda: segment_store.create_segment(
+            _conn(session),
+            slug=body.slug,
+            name=body.name,
+            kind=kind,
+            condition=body.condition,
+            schedule=body.schedule,
+            now=utcnow(),
+        )
     )
     if kind == "rule":
         await _schedules(request, segment.slug, every=segment.schedule)
@@ -304,15 +310,20 @@ def get_segment(slug: str, session: SessionDep, _: SupportKey) -> SegmentPublic:
 async def update_segment(
     slug: str, body: SegmentUpdate, request: Request, session: SessionDep, _: MarketerKey
 ) -> SegmentPublic:
-    segment = segment_store.update_segment(
-        _conn(session),
-        slug=slug,
-        name=body.name,
-        condition=body.condition,
-        schedule=body.schedule,
-        now=utcnow(),
-    )
-    forget_record(_conn(session), kind="segment", key=slug)  # a new definition starts afresh
+    def update() -> segment_store.SegmentRecord:
+        conn = _conn(session)
+        segment = segment_store.update_segment(
+            conn,
+            slug=slug,
+            name=body.name,
+            condition=body.condition,
+            schedule=body.schedule,
+            now=utcnow(),
+        )
+        forget_record(conn, kind="segment", key=slug)  # a new definition starts afresh
+        return segment
+
+    segment = await run_in_threadpool(update)
     if segment.kind == "rule":
         await _schedules(request, slug, every=segment.schedule)
     return _public(segment, {})
@@ -328,10 +339,15 @@ async def update_segment(
 async def delete_segment(
     slug: str, request: Request, session: SessionDep, _: MarketerKey
 ) -> Response:
-    conn = _conn(session)
-    kind = segment_store.get_segment(conn, slug=slug).kind
-    segment_store.delete_segment(conn, slug=slug)
-    forget_record(conn, kind="segment", key=slug)
+
+    def delete() -> str:
+        conn = _conn(session)
+        kind = segment_store.get_segment(conn, slug=slug).kind
+        segment_store.delete_segment(conn, slug=slug)
+        forget_record(conn, kind="segment", key=slug)
+        return kind
+
+    kind = await run_in_threadpool(delete)
     if kind == "rule":
         await _schedules(request, slug, every=None, delete=True)
     return Response(status_code=204)

@@ -1,7 +1,26 @@
-"""Database engine and sessions; SQLite by default, PostgreSQL (psycopg 3) by URL."""
+"""Database engine and sessions; SQLite by default, PostgreSQL (psycopg 3) by URL.
+
+SQLite writes follow one rule, kept here in the engine so that no write path can forget
+it: a transaction takes the write lock with `BEGIN IMMEDIATE`, asked for every
+millisecond up to the busy timeout (`take_sqlite_write_lock`, as ingest does), right
+before its first statement that writes: INSERT, UPDATE, DELETE, REPLACE, CREATE, DROP,
+ALTER, SAVEPOINT, ANALYZE, or a WITH holding one of them (temporary tables count). The
+statements before it only read; they run outside any transaction, one snapshot each (as
+pysqlite always ran them), beside the writer (WAL). So no transaction ever holds a read
+snapshot when it starts to write: SQLite cannot let such a transaction wait for the
+lock and answers "database is locked" at once, busy timeout or not, whenever another
+connection writes or has written since that read began.
+
+What that asks of code: pysqlite emits no BEGIN of its own (`isolation_level = None`,
+set on connect); a result is read to its end (or closed) before the transaction's first
+write, because an open SELECT is an open read (the write would fail at once instead of
+waiting); code that writes through the raw sqlite3 connection takes the lock itself
+(store/events.py). PostgreSQL is left as it is.
+"""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -10,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, create_engine
 
 from core.settings import get_settings
@@ -33,6 +52,9 @@ def sqlite_busy_timeout_ms() -> int:
 
 
 def _tune_sqlite(dbapi_connection, _record) -> None:  # noqa: ANN001
+    # pysqlite's own BEGIN is deferred and comes only before INSERT/UPDATE/DELETE/REPLACE:
+    # _lock_before_first_write begins every transaction instead (a SAVEPOINT nests in it).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # busy_timeout makes writers queue instead of failing with "database is locked" when
     # the API and worker overlap; WAL lets readers run beside the single writer.
@@ -60,12 +82,18 @@ def _use_wal(cursor) -> None:  # noqa: ANN001
     cursor.execute("PRAGMA journal_mode=WAL")
 
 
+# SQLITE_BUSY_SNAPSHOT: this connection still reads an older snapshot (a SELECT whose
+# rows were not all fetched); asking again cannot help until that read ends.
+_SQLITE_BUSY_SNAPSHOT = 517
+
+
 def take_sqlite_write_lock(dbapi_connection: sqlite3.Connection) -> None:
     """Open the transaction with the write lock (BEGIN IMMEDIATE), asking every millisecond.
 
     SQLite's own busy handler sleeps ever longer (up to 100 ms a try) while another
     process writes, so under steady ingest from several API processes the lock sat idle
-    between their transactions; hot write paths take it this way instead.
+    between their transactions; every writer takes it this way instead. A no-op when the
+    connection is in a transaction already.
     """
     if dbapi_connection.in_transaction:
         return
@@ -76,9 +104,57 @@ def take_sqlite_write_lock(dbapi_connection: sqlite3.Connection) -> None:
                 dbapi_connection.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
+                if (
+                    "locked" not in str(exc)
+                    or getattr(exc, "sqlite_errorcode", None) == _SQLITE_BUSY_SNAPSHOT
+                    or time.monotonic() > deadline
+                ):
                     raise
                 time.sleep(0.001)
+
+
+_WRITE_HEADS = (
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "REPLACE",
+    "CREATE",
+    "DROP",
+    "ALTER",
+    "SAVEPOINT",
+    "ANALYZE",
+)
+_DML = re.compile(r"\b(INSERT|UPDATE|DELETE|REPLACE)\b", re.IGNORECASE)
+
+
+def sqlite_statement_writes(statement: str) -> bool:
+    """Whether `statement` writes (and so must run under the write lock).
+
+    SELECT, PRAGMA, EXPLAIN and transaction control do not; a WITH does when it holds a
+    data-changing verb anywhere (a read that merely names one then takes the lock too,
+    which costs time, never correctness).
+    """
+    head = statement.lstrip()[:9].upper()
+    if head.startswith(_WRITE_HEADS):
+        return True
+    return head.startswith("WITH") and _DML.search(statement) is not None
+
+
+def _lock_before_first_write(
+    conn: Connection,
+    cursor: sqlite3.Cursor,
+    statement: str,
+    _parameters: object,
+    _context: object,
+    _executemany: bool,
+) -> None:
+    raw = cursor.connection
+    if raw.in_transaction or not sqlite_statement_writes(statement):
+        return
+    # AUTOCOMMIT asks for no transaction at all: nothing would ever commit it.
+    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return
+    take_sqlite_write_lock(raw)
 
 
 @contextmanager
@@ -103,6 +179,7 @@ def make_engine(url: str) -> Engine:
             connect_args={"check_same_thread": False, "timeout": sqlite_busy_timeout_ms() / 1000},
         )
         event.listen(engine, "connect", _tune_sqlite)
+        event.listen(engine, "before_cursor_execute", _lock_before_first_write)
         return engine
     # pool_recycle instead of pre-ping: a ping is one more round trip on every checkout.
     return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=900)
