@@ -34,6 +34,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError
 
 from core.errors import NotFound
 from core.rfm import SegmentRule, label_for, segment_slug
@@ -566,9 +567,14 @@ def tune_for_pass(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(text(f"SET LOCAL work_mem = '{PASS_WORK_MEM}'"))
         # The membership stage is a temp table: with the default 8MB of local buffers a
-        # million staged rows go through disk (takes effect before a session's first
-        # temp table only; later it is a no-op).
-        conn.execute(text(f"SET LOCAL temp_buffers = '{PASS_WORK_MEM}'"))
+        # million staged rows go through disk. PostgreSQL refuses the change once the
+        # session has used a temp table (a pooled connection that staged a bulk batch):
+        # the pass then runs with the buffers it has.
+        try:
+            with conn.begin_nested():
+                conn.execute(text(f"SET LOCAL temp_buffers = '{PASS_WORK_MEM}'"))
+        except DataError:
+            pass
         # A pass joins whole tables. On an empty (freshly vacuumed) memberships table the
         # planner picks a nested loop for `INSERT INTO segment_memberships ... WHERE NOT
         # EXISTS (SELECT ... FROM segment_memberships)`, whose inner scan re-reads every

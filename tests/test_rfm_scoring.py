@@ -504,3 +504,21 @@ def test_score_pages_keep_room_for_the_next_pass_on_postgres(postgres_engine):
             text("SELECT reloptions FROM pg_class WHERE oid = CAST('rfm_scores' AS regclass)")
         ).scalar_one()
     assert options == ["fillfactor=50"]
+
+
+def test_passes_one_after_another_on_one_pooled_connection(postgres_engine: Engine) -> None:
+    # A session that has used a temp table can no longer change temp_buffers: a later
+    # pass on the same pooled connection must still run.
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import StaticPool
+
+    single = create_engine(postgres_engine.url, poolclass=StaticPool)
+    setup_model(single)
+    load(single, [purchase("a", T - DAY, 10.0), purchase("b", T - 2 * DAY, 20.0)])
+    with single.begin() as conn:  # other work on the same session used a temp table
+        conn.execute(text("CREATE TEMP TABLE IF NOT EXISTS scratch (x int)"))
+        conn.execute(text("INSERT INTO scratch VALUES (1)"))
+    first = run_pass(single)
+    second = run_pass(single, as_of=T + DAY)
+    assert (first.scored, second.scored) == (2, 2)
+    single.dispose()
