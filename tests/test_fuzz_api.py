@@ -17,7 +17,7 @@ from schemathesis.generation import GenerationMode
 
 from api.app import create_app
 from tests.conftest import _drop_postgres_schema, new_store
-from tests.utils.api import settings_for_tests
+from tests.utils.api import assert_error_shape, settings_for_tests
 from tests.utils.live_api import LiveApi, live_api
 
 EXAMPLES = 40
@@ -47,18 +47,6 @@ def fuzzed_api(
     engine.dispose()
     if schema_name:
         _drop_postgres_schema(schema_name)
-
-
-def assert_error_shape(body: Any) -> None:
-    """The contract's error body: {"error": {"code", "message", "field"}} (+ "errors")."""
-    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
-    error = body["error"]
-    assert isinstance(error.get("code"), str) and error["code"], body
-    assert isinstance(error.get("message"), str) and error["message"], body
-    assert "field" in error and (error["field"] is None or isinstance(error["field"], str)), body
-    for item in body.get("errors", []):
-        assert isinstance(item.get("code"), str) and isinstance(item.get("message"), str), body
-    assert "Traceback" not in str(body)
 
 
 @pytest.mark.parametrize("label", OPERATIONS)

@@ -14,9 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.test_fuzz_api import assert_error_shape
-from tests.test_quarantine import _create_rule_segment, _drain, _members
-from tests.utils.api import ApiHarness, api_harness
+from tests.utils.api import ApiHarness, api_harness, assert_error_shape
 from tests.utils.hostile import (
     CONDITION,
     CUSTOMER,
@@ -27,6 +25,7 @@ from tests.utils.hostile import (
     hostile_bodies,
     purchase,
 )
+from tests.utils.segments import create_rule_segment, drain_realtime, segment_members
 
 EXAMPLES = 60
 TABLES = ("events", "customers", "segments", "rfm_models", "journeys", "templates")
@@ -43,15 +42,15 @@ PROPERTY_SETTINGS = settings(
 def api(store_engine: Engine, dev_server_env: Any) -> Iterator[ApiHarness]:
     target = dev_server_env.client.service_client.config.target_host
     with api_harness(store_engine, temporal_address=target) as harness:
-        _create_rule_segment(
+        create_rule_segment(
             store_engine, "buyers", {"event": "Purchase", "count": {"gte": 1}, "within": "P30D"}
         )
         yield harness
         # After everything accepted: real time still flows for a healthy customer.
         after = harness.post("/v1/events", "ingest", json=purchase("e-after", "healthy-after"))
         assert after.status_code == 201, after.text
-        _drain(store_engine, rounds=50)
-        assert "healthy-after" in _members(store_engine, "buyers")
+        drain_realtime(store_engine, rounds=50)
+        assert "healthy-after" in segment_members(store_engine, "buyers")
 
 
 def _counts(engine: Engine) -> dict[str, int]:

@@ -14,12 +14,15 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from activities.realtime import RealtimeActivities
 from core.tables import Segment, utcnow
-from store import segments as segment_store
 from store.failures import failures_of
 from tests.utils.api import ApiHarness, api_harness, settings_for_tests
-from worker import realtime_customer_steps
+from tests.utils.segments import (
+    create_rule_segment,
+    drain_realtime,
+    realtime_processor,
+    segment_members,
+)
 
 BUYERS = {"event": "Purchase", "count": {"gte": 1}, "within": "P30D"}
 RECENT_SIGNUPS = {"attribute": "signed_up_at", "op": "after", "value": "P30D"}
@@ -46,27 +49,6 @@ def api(store_engine: Engine) -> Iterator[ApiHarness]:
         yield harness
 
 
-def _realtime(engine: Engine) -> RealtimeActivities:
-    return RealtimeActivities(
-        engine, settings_for_tests(), customer_steps=realtime_customer_steps(), event_sink=None
-    )
-
-
-def _drain(engine: Engine, rounds: int = 10) -> None:
-    """Run real-time batches until nothing is left to claim (bounded)."""
-    processor = _realtime(engine)
-    for _ in range(rounds):
-        events, customers = processor.process_batch(500)
-        if not events and not customers:
-            return
-    raise AssertionError(f"real-time work still pending after {rounds} batches")
-
-
-def _members(engine: Engine, slug: str) -> list[str]:
-    with engine.connect() as conn:
-        return [m.customer_id for m in segment_store.iter_members(conn, slug=slug)]
-
-
 def _plant_segment(engine: Engine, slug: str, condition: dict[str, Any]) -> None:
     """A rule segment as an older version stored it, past today's validation."""
     with Session(engine) as session:
@@ -87,20 +69,13 @@ def _purchase(api: ApiHarness, customer_id: str, event_id: str) -> None:
     assert response.status_code == 201, response.text
 
 
-def _create_rule_segment(engine: Engine, slug: str, condition: dict[str, Any]) -> None:
-    with engine.begin() as conn:
-        segment_store.create_segment(
-            conn, slug=slug, name=slug, kind="rule", condition=condition, now=utcnow()
-        )
-
-
 def test_poisoned_segments_and_customers_never_hold_up_a_healthy_purchase(
     api: ApiHarness,
 ) -> None:
     engine = api.engine
     postgres = engine.dialect.name == "postgresql"
-    _create_rule_segment(engine, "buyers", BUYERS)
-    _create_rule_segment(engine, "recent-signups", RECENT_SIGNUPS)
+    create_rule_segment(engine, "buyers", BUYERS)
+    create_rule_segment(engine, "recent-signups", RECENT_SIGNUPS)
     for slug, condition in POISON_SEGMENTS.items():
         _plant_segment(engine, slug, condition)
     if not postgres:  # PostgreSQL cannot hold a NUL in jsonb at all
@@ -120,11 +95,11 @@ def test_poisoned_segments_and_customers_never_hold_up_a_healthy_purchase(
             )
     _purchase(api, "healthy", "e-healthy")
 
-    _drain(engine)
+    drain_realtime(engine)
 
-    assert "healthy" in _members(engine, "buyers")
-    assert "bad-date" in _members(engine, "buyers")  # an impossible date only fails to match
-    assert "bad-date" not in _members(engine, "recent-signups")
+    assert "healthy" in segment_members(engine, "buyers")
+    assert "bad-date" in segment_members(engine, "buyers")  # an impossible date only fails to match
+    assert "bad-date" not in segment_members(engine, "recent-signups")
     listed = api.get("/v1/health/failures", "support")
     assert listed.status_code == 200, listed.text
     failing = {(f["kind"], f["key"]) for f in listed.json()["data"]}
@@ -138,8 +113,8 @@ def test_poisoned_segments_and_customers_never_hold_up_a_healthy_purchase(
 
     # Everyone keeps flowing after the poison is set aside: a later purchase too.
     _purchase(api, "later", "e-later")
-    _drain(engine)
-    assert "later" in _members(engine, "buyers")
+    drain_realtime(engine)
+    assert "later" in segment_members(engine, "buyers")
 
 
 def test_a_set_aside_customer_is_retried_with_backoff_and_cleared_once_mended(
@@ -152,13 +127,13 @@ def test_a_set_aside_customer_is_retried_with_backoff_and_cleared_once_mended(
 
 def _retried_with_backoff_then_cleared(api: ApiHarness) -> None:
     engine = api.engine
-    _create_rule_segment(engine, "rich", {"attribute": "k", "op": "gt", "value": 1})
+    create_rule_segment(engine, "rich", {"attribute": "k", "op": "gt", "value": 1})
     _purchase(api, "bad-json", "e-1")
     with engine.begin() as conn:
         conn.execute(
             text("""UPDATE customers SET attributes = '{"k": NaN}' WHERE id = 'bad-json'""")
         )
-    _drain(engine)
+    drain_realtime(engine)
     with engine.connect() as conn:
         [first] = failures_of(conn, kind="customer", key="bad-json")
     assert first.attempts == 1
@@ -169,7 +144,7 @@ def _retried_with_backoff_then_cleared(api: ApiHarness) -> None:
             conn.execute(text("UPDATE failures SET next_attempt_at = first_failed_at"))
 
     retry_now()
-    _realtime(engine).process_batch(500)
+    realtime_processor(engine).process_batch(500)
     with engine.connect() as conn:
         [second] = failures_of(conn, kind="customer", key="bad-json")
     assert second.attempts == 2
@@ -178,18 +153,18 @@ def _retried_with_backoff_then_cleared(api: ApiHarness) -> None:
     with engine.begin() as conn:
         conn.execute(text("""UPDATE customers SET attributes = '{"k": 5}' WHERE id = 'bad-json'"""))
     retry_now()
-    _realtime(engine).process_batch(500)
+    realtime_processor(engine).process_batch(500)
     with engine.connect() as conn:
         assert failures_of(conn, kind="customer", key="bad-json") == []
-    assert _members(engine, "rich") == ["bad-json"]
+    assert segment_members(engine, "rich") == ["bad-json"]
 
 
 def test_a_scheduled_pass_sets_a_failing_dependent_aside_and_evaluates_the_rest(
     api: ApiHarness,
 ) -> None:
     engine = api.engine
-    _create_rule_segment(engine, "buyers", BUYERS)
-    _create_rule_segment(engine, "buyers-too", {"segment": "buyers"})
+    create_rule_segment(engine, "buyers", BUYERS)
+    create_rule_segment(engine, "buyers-too", {"segment": "buyers"})
     _plant_segment(engine, "poison-dependent", {"all": [{"segment": "buyers"}, _nested_not(50)]})
     _purchase(api, "healthy", "e-1")
     response = api.post("/v1/segments/buyers/evaluate", "marketer")
@@ -197,7 +172,7 @@ def test_a_scheduled_pass_sets_a_failing_dependent_aside_and_evaluates_the_rest(
     dependents = {d["slug"]: d for d in response.json()["dependents"]}
     assert dependents["buyers-too"]["error"] is None
     assert "10 deep" in dependents["poison-dependent"]["error"]
-    assert _members(engine, "buyers-too") == ["healthy"]
+    assert segment_members(engine, "buyers-too") == ["healthy"]
     refused = api.post("/v1/segments/poison-dependent/evaluate", "marketer")
     assert refused.status_code == 409, refused.text
     assert refused.json()["error"]["code"] == "evaluation_failed"
@@ -300,7 +275,7 @@ async def test_beside_every_poison_a_purchase_reaches_its_segment_and_journey(
         ) as api,
     ):
         await ensure_background_workflows(client, settings)
-        _create_rule_segment(engine, "buyers", BUYERS)
+        create_rule_segment(engine, "buyers", BUYERS)
         for slug, condition in POISON_SEGMENTS.items():
             _plant_segment(engine, slug, condition)
         for raw in (journey, {**journey, "slug": "unreadable"}):

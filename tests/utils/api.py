@@ -56,3 +56,15 @@ def api_harness(engine: Engine, **overrides: Any) -> Iterator[ApiHarness]:
         session.commit()
     with TestClient(app, raise_server_exceptions=False) as client:
         yield ApiHarness(client, engine, keys)
+
+
+def assert_error_shape(body: Any) -> None:
+    """The contract's error body: {"error": {"code", "message", "field"}} (+ "errors")."""
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    error = body["error"]
+    assert isinstance(error.get("code"), str) and error["code"], body
+    assert isinstance(error.get("message"), str) and error["message"], body
+    assert "field" in error and (error["field"] is None or isinstance(error["field"], str)), body
+    for item in body.get("errors", []):
+        assert isinstance(item.get("code"), str) and isinstance(item.get("message"), str), body
+    assert "Traceback" not in str(body)
