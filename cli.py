@@ -100,7 +100,8 @@ def current_engine() -> Engine:
 
 
 def finish(code: int = 0) -> None:
-    """Flush and leave without interpreter finalisation (temporalio's threads, DESIGN.md)."""
+    """Flush and leave without interpreter finalisation (temporalio's threads, see
+    docs/architecture.md)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

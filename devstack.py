@@ -138,7 +138,7 @@ class DevStack:
                 str(self.ui_port),
                 "--db-filename",
                 str(self.data_dir / "temporal.db"),
-                # DESIGN.md: WAL more than doubled the dev server's throughput here.
+                # docs/architecture.md: WAL more than doubled the dev server's throughput here.
                 "--sqlite-pragma",
                 "journal_mode=wal",
                 "--sqlite-pragma",

@@ -88,7 +88,8 @@ def build_worker(
     workflows: Sequence[type] | None = None,
     activities: Sequence[Callable[..., Any]] | None = None,
 ) -> Worker:
-    """A worker with the tuning DESIGN.md measured (pollers, slots, sticky cache)."""
+    """A worker with the measured tuning of docs/architecture.md (pollers, slots, sticky
+    cache)."""
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,

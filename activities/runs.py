@@ -2,8 +2,8 @@
 
 `record_run_progress` and `evaluate_branch` run as local activities: they touch only our
 own database, are idempotent, and take milliseconds, so they ride in the workflow task
-instead of costing a round trip through the Temporal server (DESIGN.md "a step costs at
-most one activity").
+instead of costing a round trip through the Temporal server (docs/architecture.md: "a
+step costs at most one activity").
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class SegmentCreate(_Body):
     slug: str = Field(pattern=SLUG_PATTERN, description="lower case; letters, digits, _ . : -")
     name: str = Field(min_length=1, max_length=255)
     condition: Any = Field(
-        default=None, description="the condition language (API.md); none when external"
+        default=None, description="the condition language (docs/conditions.md); none when external"
     )
     schedule: str | None = Field(default=None, description="ISO 8601 interval, default PT5M")
     owner: Literal["journeys", "external"] = Field(

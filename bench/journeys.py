@@ -510,5 +510,5 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     asyncio.run(main(parse_args()))
     sys.stdout.flush()
-    # temporalio's threads can crash interpreter finalisation (DESIGN.md).
+    # temporalio's threads can crash interpreter finalisation (docs/architecture.md).
     os._exit(0)

@@ -319,5 +319,5 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
-    # DESIGN.md: the SDK's threads can crash the interpreter while it finalizes.
+    # docs/architecture.md: the SDK's threads can crash the interpreter while it finalizes.
     os._exit(0)

@@ -1,4 +1,4 @@
-"""Journey definitions (DESIGN.md "Journey definitions"), validated by pydantic.
+"""Journey definitions (docs/journeys.md), validated by pydantic.
 
 A run carries a snapshot of the `JourneyDefinition` version it entered on, so these
 models cross into the workflow: they must stay plain data.

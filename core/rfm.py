@@ -2,8 +2,8 @@
 
 A segment map is an ordered list of rules over the three scores (and FM, the rounded-up
 mean of F and M); the first rule that matches a cell (R, F, M) gives its label. The two
-shipped maps, `seed5` and `rfm11`, are rule lists like any custom one (shared/API.md,
-shared/RFM11.md); every map must label all 125 cells.
+shipped maps, `seed5` and `rfm11`, are rule lists like any custom one (docs/rfm.md);
+every map must label all 125 cells.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ SEED5: tuple[SegmentRule, ...] = (
     _rule("Promising"),
 )
 
-# shared/RFM11.md: R down, FM across. Rows R4 and R5 are identical.
+# The rfm11 grid of docs/rfm.md: R down, FM across. Rows R4 and R5 are identical.
 RFM11: tuple[SegmentRule, ...] = (
     _rule("New Customers", r=(4, 5), fm=(1, 1)),
     _rule("Potential Loyalist", r=(4, 5), fm=(2, 2)),
@@ -231,7 +231,7 @@ RFM11: tuple[SegmentRule, ...] = (
     _rule("Can't Lose Them", r=(1, 1), fm=(4, 5)),
 )
 
-# The order segments are listed in (RFM11.md), best first.
+# The order segments are listed in (docs/rfm.md), best first.
 RFM11_LABELS = (
     "Champions",
     "Loyal Customers",

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_single_body_bytes: int = 1024 * 1024
     max_bulk_lines: int = 100_000
 
-    # Worker tuning: DESIGN.md measured pollers as the gain on the dev server.
+    # Worker tuning: pollers were the measured gain on the dev server (docs/architecture.md).
     worker_workflow_pollers: int = 50
     worker_activity_pollers: int = 20
     worker_max_workflow_tasks: int = 500

@@ -1,4 +1,4 @@
-"""RFM scoring in set-based SQL (shared/API.md "RFM models").
+"""RFM scoring in set-based SQL (docs/rfm.md, "The scoring definition").
 
 As of instant T, with window (T - timeframe, T], a customer is scored when they pass the
 model's targeting and have at least one recency or frequency event in the window:

@@ -105,7 +105,8 @@ async def dev_server_env() -> AsyncIterator[object]:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    # The SDK's Rust threads can crash the interpreter while it finalizes (DESIGN.md):
+    # The SDK's Rust threads can crash the interpreter while it finalizes
+    # (docs/architecture.md):
     # end the test process as soon as pytest has said everything it has to say.
     if os.environ.get("JOURNEYS_PYTEST_HARD_EXIT", "1") == "1" and hasattr(
         config, "_journeys_exit"

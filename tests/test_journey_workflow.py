@@ -397,5 +397,6 @@ async def test_continue_as_new_carries_state(time_skipping_env, sqlite_engine) -
 
 
 def test_champions_template_steps_exist() -> None:
-    # The test definition follows DESIGN.md's example; keep it a valid definition.
+    # The test definition is the Champions flow of docs/journeys.md without its story
+    # steps; keep it a valid definition.
     assert definition().steps.keys() == CHAMPIONS["steps"].keys()

@@ -27,7 +27,7 @@ from store.rfm_models import (
 from store.scoring import score_model
 from tests.utils.rfm import T, load, make_model, model_body, purchase
 
-# shared/RFM11.md, row by row (R 5 down to 1), FM 1..5 across.
+# The rfm11 grid of docs/rfm.md, row by row (R 5 down to 1), FM 1..5 across.
 RFM11_TABLE = {
     5: ["New Customers", "Potential Loyalist", "Loyal Customers", "Champions", "Champions"],
     4: ["New Customers", "Potential Loyalist", "Loyal Customers", "Champions", "Champions"],

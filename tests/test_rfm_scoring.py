@@ -1,4 +1,4 @@
-"""The scoring definition of shared/API.md, on both databases, on hand-made data."""
+"""The scoring definition of docs/rfm.md, on both databases, on hand-made data."""
 
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ CHAMPIONS = {
 
 
 def definition(base: dict[str, Any] | None = None, **changes: Any) -> JourneyDefinition:
-    """A journey definition: the DESIGN.md Champions example, with top-level changes."""
+    """A journey definition: the Champions flow of docs/journeys.md without its story
+    steps, with top-level changes."""
     raw = {**(base or CHAMPIONS), **changes}
     return JourneyDefinition.model_validate(raw)
 

@@ -1,6 +1,6 @@
 """Factories for RFM tests and a plain-Python reading of the scoring definition.
 
-`reference_scores` follows shared/API.md line by line, customer by customer, with no SQL,
+`reference_scores` follows docs/rfm.md line by line, customer by customer, with no SQL,
 so the store's set-based statement is checked against an independent implementation.
 """
 
