@@ -18,7 +18,7 @@ from store.keys import VerifiedKey
 
 FailureReader = Annotated[VerifiedKey, Depends(require_role("support"))]
 FailureKindQuery = Annotated[
-    Literal["customer", "segment", "rfm_model", "journey", "transition", "message"] | None,
+    Literal["customer", "segment", "rfm_model", "journey", "transition"] | None,
     Query(description="only failures of this kind"),
 ]
 

@@ -1,6 +1,7 @@
 """The segment condition language (shared by segments, RFM targeting and journey branches).
 
-A condition is JSON, nestable to any depth:
+A condition is JSON; groups nest at most 10 deep and a condition has at most 200 nodes
+(core.bounds):
   {"all": [c, ...]}, {"any": [c, ...]}, {"not": c}
   {"attribute": "plan", "op": "eq", "value": "pro"}
   {"segment": "default:champions"}

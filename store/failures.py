@@ -21,8 +21,8 @@ from sqlalchemy.exc import DBAPIError
 from core.errors import JourneysError
 from core.tables import UTCDateTime
 
-FailureKind = Literal["customer", "segment", "rfm_model", "journey", "transition", "message"]
-FailureStage = Literal["realtime", "segment_pass", "rfm_pass", "dispatch", "send"]
+FailureKind = Literal["customer", "segment", "rfm_model", "journey", "transition"]
+FailureStage = Literal["realtime", "segment_pass", "rfm_pass", "dispatch"]
 
 MAX_BACKOFF = timedelta(hours=1)
 MAX_ERROR_LENGTH = 2_000
