@@ -6,7 +6,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -14,9 +14,21 @@ from core.errors import NotFound
 from core.rfm import RUN_RFM_PASS_ACTIVITY, RfmPassSummary, RfmScoringInput
 from core.settings import Settings
 from store.failures import FailureSubject, clear_failures, record_failure
+from store.rfm_models import get_model
 from store.scoring import score_model
 
 log = logging.getLogger("journeys.scoring")
+
+
+def _require_version(conn: Connection, slug: str, version: int) -> None:
+    # The save that started this pass commits after starting it: until its version shows,
+    # the activity fails and Temporal retries it with backoff.
+    try:
+        stored = get_model(conn, slug=slug)
+    except NotFound:
+        stored = None
+    if stored is None or stored.version < version:
+        raise ApplicationError(f"RFM model {slug!r} version {version} is not committed yet")
 
 
 class ScoringActivities:
@@ -37,6 +49,8 @@ class ScoringActivities:
         subject = FailureSubject("rfm_model", request.model_slug, "rfm_pass")
         try:
             with self.engine.begin() as conn:
+                if request.version is not None:
+                    _require_version(conn, request.model_slug, request.version)
                 result = score_model(
                     conn, model_slug=request.model_slug, as_of=as_of, progress=progress
                 )

@@ -30,6 +30,8 @@ class EvaluateSegmentsInput(BaseModel):
     slug: str | None = None
     as_of: datetime | None = None
     include_dependents: bool = True
+    # Set by a save: the version to evaluate, which may not be committed yet.
+    version: int | None = None
 
 
 class SegmentPassResult(BaseModel):
@@ -41,6 +43,12 @@ class SegmentPassResult(BaseModel):
 
 class EvaluateSegmentsResult(BaseModel):
     passes: list[SegmentPassResult] = Field(default_factory=list)
+
+
+def _not_visible_yet(slug: str, version: int) -> ApplicationError:
+    # The save that started this run commits after starting it: retried with backoff
+    # until it shows (a save that rolled back leaves the run to fail when retries end).
+    return ApplicationError(f"segment {slug!r} version {version} is not committed yet")
 
 
 class SegmentActivities:
@@ -60,9 +68,13 @@ class SegmentActivities:
                 try:
                     segment = segment_store.get_segment(conn, slug=request.slug)
                 except NotFound:
+                    if request.version is not None:
+                        raise _not_visible_yet(request.slug, request.version) from None
                     # A schedule can fire between a segment's deletion and its own.
                     log.info("segment %s is gone; nothing to evaluate", request.slug)
                     return EvaluateSegmentsResult()
+                if request.version is not None and segment.version < request.version:
+                    raise _not_visible_yet(request.slug, request.version)
                 if segment.kind != "rule":
                     raise ApplicationError(
                         f"segment {request.slug!r} is {segment.kind}, not rule-based",
@@ -73,8 +85,8 @@ class SegmentActivities:
                 later = segment_store.dependents_in_order(conn, segment_slugs=slugs)
                 slugs += [s for s in later if s not in slugs]
         passes = []
-        for slug in slugs:
-            activity.heartbeat(slug)
+        for done, slug in enumerate(slugs):
+            activity.heartbeat(f"{done}/{len(slugs)} evaluating {slug}")
             done = self._evaluate_one(slug, now)
             if done is not None:
                 passes.append(done)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from api.boundary import CONFLICT, NEEDS_TEMPORAL, resource_router
 from api.deps import EngineDep, MarketerKey, TemporalUnavailable
-from api.schedules import sync_rfm_schedule
+from api.schedules import start_rfm_pass, sync_rfm_schedule
 from core.bounds import Instant
 from core.cursors import decode_cursor, encode_cursor
 from core.errors import ErrorDetail, ValidationFailed
@@ -104,7 +104,11 @@ class SummaryPublic(BaseModel):
 # --- models ---------------------------------------------------------------------------
 
 
-async def _sync_schedule(request: Request, slug: str, every: timedelta | None) -> None:
+async def _sync_schedule(
+    request: Request, slug: str, every: timedelta | None, *, version: int | None = None
+) -> None:
+    """Keep the model's schedule in step, and start the first pass of a saved `version`;
+    503 when Temporal is away (the caller's transaction rolls back)."""
     settings = request.app.state.settings
     try:
         client = await asyncio.wait_for(request.app.state.temporal.get(), timeout=10)
@@ -112,6 +116,13 @@ async def _sync_schedule(request: Request, slug: str, every: timedelta | None) -
             sync_rfm_schedule(client, model_slug=slug, every=every, task_queue=settings.task_queue),
             timeout=10,
         )
+        if version is not None:
+            await asyncio.wait_for(
+                start_rfm_pass(
+                    client, model_slug=slug, version=version, task_queue=settings.task_queue
+                ),
+                timeout=10,
+            )
     except Exception as exc:  # any failure to reach Temporal: nothing is saved
         raise TemporalUnavailable(
             f"Temporal at {settings.temporal_address} could not be reached to save the"
@@ -127,11 +138,11 @@ async def _sync_schedule(request: Request, slug: str, every: timedelta | None) -
 async def create(
     body: RfmModelCreate, request: Request, engine: EngineDep, _: MarketerKey
 ) -> RfmModelPublic:
-    """Create a model (version 1) and its label segments `slug:label`."""
+    """Create a model (version 1) and its label segments `slug:label`, and start its first
+    scoring pass at once (a durable workflow)."""
     async with contextmanager_in_threadpool(engine.begin()) as conn:
         stored = await run_in_threadpool(model_store.create_model, conn, model=body, now=utcnow())
-        if body.schedule is not None:
-            await _sync_schedule(request, body.slug, body.schedule)
+        await _sync_schedule(request, body.slug, body.schedule, version=stored.version)
     return stored.public()
 
 
@@ -161,7 +172,7 @@ def get(slug: str, engine: EngineDep, _: MarketerKey) -> RfmModelPublic:
 async def replace(
     slug: str, body: RfmModelUpdate, request: Request, engine: EngineDep, _: MarketerKey
 ) -> RfmModelPublic:
-    """Store a new version. Scores keep their labels until the next pass."""
+    """Store a new version and start a full pass of it at once (a durable workflow)."""
     if body.slug is not None and body.slug != slug:
         raise ValidationFailed(
             [ErrorDetail("invalid", f"slug {body.slug!r} is not the path's {slug!r}", "slug")]
@@ -173,8 +184,7 @@ async def replace(
 
     async with contextmanager_in_threadpool(engine.begin()) as conn:
         before, stored = await run_in_threadpool(update, conn)
-        if before.definition.schedule is not None or body.schedule is not None:
-            await _sync_schedule(request, slug, body.schedule)
+        await _sync_schedule(request, slug, body.schedule, version=stored.version)
     return stored.public()
 
 

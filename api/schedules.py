@@ -23,10 +23,21 @@ from temporalio.client import (
     ScheduleUpdate,
     ScheduleUpdateInput,
 )
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.rfm import RFM_SCORING_WORKFLOW, RfmScoringInput, rfm_schedule_id
-from core.segments import SEGMENT_WORKFLOW, SegmentEvaluationInput, segment_schedule_id
+from core.rfm import (
+    RFM_SCORING_WORKFLOW,
+    RfmScoringInput,
+    rfm_save_workflow_id,
+    rfm_schedule_id,
+)
+from core.segments import (
+    SEGMENT_WORKFLOW,
+    SegmentEvaluationInput,
+    segment_save_workflow_id,
+    segment_schedule_id,
+)
 
 
 def _interval_schedule(
@@ -115,3 +126,29 @@ async def upsert_segment_schedule(
 
 async def delete_segment_schedule(client: Client, *, slug: str) -> None:
     await delete_schedule(client, schedule_id=segment_schedule_id(slug))
+
+
+async def start_segment_evaluation(
+    client: Client, *, slug: str, version: int, task_queue: str
+) -> None:
+    """Evaluate `slug` at `version` now, durably: a workflow per saved version."""
+    await client.start_workflow(
+        SEGMENT_WORKFLOW,
+        SegmentEvaluationInput(slug=slug, version=version),
+        id=segment_save_workflow_id(slug, version),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+
+
+async def start_rfm_pass(client: Client, *, model_slug: str, version: int, task_queue: str) -> None:
+    """Score `model_slug` at `version` now, durably: a first pass per saved version."""
+    await client.start_workflow(
+        RFM_SCORING_WORKFLOW,
+        RfmScoringInput(model_slug=model_slug, version=version),
+        id=rfm_save_workflow_id(model_slug, version),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )

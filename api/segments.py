@@ -27,12 +27,17 @@ from sqlalchemy.engine import Connection
 
 from api.boundary import CONFLICT, NEEDS_TEMPORAL, resource_router
 from api.deps import EngineDep, IngestKey, MarketerKey, SessionDep, SupportKey, TemporalUnavailable
-from api.schedules import delete_segment_schedule, upsert_segment_schedule
-from core.bounds import MAX_INSTANT, MIN_INSTANT
+from api.schedules import (
+    delete_segment_schedule,
+    start_segment_evaluation,
+    upsert_segment_schedule,
+)
+from core.bounds import MAX_INSTANT, MIN_INSTANT, Instant
 from core.conditions import parse_instant
 from core.cursors import MAX_POSITION, decode_cursor, encode_cursor
 from core.durations import parse_duration
 from core.errors import Conflict, ErrorDetail, ValidationFailed
+from core.segments import segment_save_workflow_id
 from core.tables import UTCDateTime, utcnow
 from store import segments as segment_store
 from store.failures import FailureRecord, errors_by_key, forget_record
@@ -81,6 +86,17 @@ class SegmentPublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     evaluated_at: datetime | None
+    state: Literal["evaluating", "ready"] = Field(
+        description=(
+            "evaluating: the saved version has not had its full evaluation yet (it started"
+            " at the save); ready: members are those of the saved definition"
+        )
+    )
+    evaluated_version: int | None = Field(description="the version the last full pass evaluated")
+    member_count: int
+    progress: str | None = Field(
+        default=None, description="while evaluating (one segment's GET): the pass's step"
+    )
     status: Literal["ok", "failing"] = Field(
         description="failing: set aside by real-time or scheduled evaluation (see error)"
     )
@@ -89,11 +105,32 @@ class SegmentPublic(BaseModel):
 
 class SegmentsPublic(BaseModel):
     data: list[SegmentPublic]
+    next_cursor: str | None = Field(
+        default=None, description="pass as ?cursor= for the next page; null at the end"
+    )
 
 
 class PreviewRequest(_Body):
     condition: Any
     sample: int = Field(default=20, ge=0, le=1_000)
+    as_of: Instant | None = Field(
+        default=None, description="evaluate as of this instant (default now), for backtests"
+    )
+
+
+class EvaluateRequest(_Body):
+    as_of: Instant | None = Field(
+        default=None, description="evaluate as of this instant (default now)"
+    )
+
+
+DEFAULT_WAIT_SECONDS = 30.0
+WaitQuery = Annotated[
+    bool, Query(description="answer once the saved version's evaluation is ready")
+]
+WaitSecondsQuery = Annotated[
+    float, Query(gt=0, le=300, description="how long ?wait=true waits at most")
+]
 
 
 class PreviewPublic(BaseModel):
@@ -164,12 +201,27 @@ class MembershipChangePublic(BaseModel):
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _public(segment: segment_store.SegmentRecord, errors: dict[str, str]) -> SegmentPublic:
+def _publics(conn: Connection, segments: list[segment_store.SegmentRecord]) -> list[SegmentPublic]:
+    errors = errors_by_key(conn, kind="segment")
+    counts = segment_store.member_counts(conn, slugs=[s.slug for s in segments])
+    return [_public(s, error=errors.get(s.slug), members=counts[s.slug]) for s in segments]
+
+
+def _public(
+    segment: segment_store.SegmentRecord,
+    *,
+    error: str | None,
+    members: int,
+    progress: str | None = None,
+) -> SegmentPublic:
     owner = {"rule": "journeys", "external": "external"}.get(
         segment.kind, f"rfm-model:{segment.model_slug}"
     )
-    error = errors.get(segment.slug)
     return SegmentPublic(
+        state=segment.evaluation_state,
+        evaluated_version=segment.evaluated_version,
+        member_count=members,
+        progress=progress,
         status="failing" if error else "ok",
         error=error,
         slug=segment.slug,
@@ -185,10 +237,55 @@ def _public(segment: segment_store.SegmentRecord, errors: dict[str, str]) -> Seg
     )
 
 
+async def _answer(
+    request: Request, session: SessionDep, slug: str, *, wait: bool, wait_seconds: float
+) -> SegmentPublic:
+    """The saved segment; with `wait`, once its evaluation is ready (or the time is up).
+    Waiting commits the save first: the evaluation cannot see it before."""
+    if wait:
+        await run_in_threadpool(session.commit)
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while True:
+            current = await run_in_threadpool(_current, request, slug)
+            if current.state == "ready" or asyncio.get_running_loop().time() >= deadline:
+                return current
+            await asyncio.sleep(0.1)
+    [public] = await run_in_threadpool(
+        lambda: _publics(_conn(session), [segment_store.get_segment(_conn(session), slug=slug)])
+    )
+    return public
+
+
+def _current(request: Request, slug: str) -> SegmentPublic:
+    with request.app.state.engine.connect() as conn:
+        [public] = _publics(conn, [segment_store.get_segment(conn, slug=slug)])
+    return public
+
+
+async def _evaluation_progress(request: Request, slug: str, version: int) -> str | None:
+    """The step the saved version's evaluation reports (its heartbeat), best effort."""
+    try:
+        client = await asyncio.wait_for(request.app.state.temporal.get(), timeout=2)
+        handle = client.get_workflow_handle(segment_save_workflow_id(slug, version))
+        described = await asyncio.wait_for(handle.describe(), timeout=2)
+    except Exception:  # noqa: BLE001 - progress is a nicety; state says the rest
+        return None
+    pending = described.raw_description.pending_activities
+    if not pending or not pending[0].heartbeat_details.payloads:
+        return "starting" if described.status is not None else None
+    return pending[0].heartbeat_details.payloads[0].data.decode(errors="replace").strip('"')
+
+
 async def _schedules(
-    request: Request, slug: str, *, every: str | None, delete: bool = False
+    request: Request,
+    slug: str,
+    *,
+    every: str | None,
+    delete: bool = False,
+    version: int | None = None,
 ) -> None:
-    """Create / update (or delete) the segment's schedule; 503 when Temporal is away."""
+    """Create / update (or delete) the segment's schedule, and start the evaluation of
+    a saved `version`; 503 when Temporal is away (the caller's transaction rolls back)."""
     settings = request.app.state.settings
     try:
         client = await asyncio.wait_for(request.app.state.temporal.get(), timeout=10)
@@ -201,6 +298,13 @@ async def _schedules(
                     slug=slug,
                     every=parse_duration(every or segment_store.DEFAULT_SCHEDULE),
                     task_queue=settings.task_queue,
+                ),
+                timeout=10,
+            )
+        if version is not None:
+            await asyncio.wait_for(
+                start_segment_evaluation(
+                    client, slug=slug, version=version, task_queue=settings.task_queue
                 ),
                 timeout=10,
             )
@@ -255,8 +359,15 @@ def _create_customers(conn: Connection, ids: list[str]) -> int:
     responses={**CONFLICT, **NEEDS_TEMPORAL},
 )
 async def create_segment(
-    body: SegmentCreate, request: Request, session: SessionDep, _: MarketerKey
+    body: SegmentCreate,
+    request: Request,
+    session: SessionDep,
+    _: MarketerKey,
+    wait: WaitQuery = False,
+    wait_seconds: WaitSecondsQuery = DEFAULT_WAIT_SECONDS,
 ) -> SegmentPublic:
+    """Store the segment and start its full evaluation at once (`state` says when its
+    members are whole); `?wait=true` answers once it is ready, or after `wait_seconds`."""
     kind = "external" if body.owner == "external" else "rule"
     if kind == "external" and body.schedule is not None:
         raise ValidationFailed(
@@ -274,15 +385,27 @@ async def create_segment(
         )
     )
     if kind == "rule":
-        await _schedules(request, segment.slug, every=segment.schedule)
-    return _public(segment, {})
+        await _schedules(request, segment.slug, every=segment.schedule, version=segment.version)
+    return await _answer(request, session, segment.slug, wait=wait, wait_seconds=wait_seconds)
 
 
 @router.get("", response_model=SegmentsPublic, summary="List segments")
-def list_segments(session: SessionDep, _: SupportKey) -> SegmentsPublic:
+def list_segments(
+    session: SessionDep,
+    _: SupportKey,
+    limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
+    cursor: str | None = None,
+) -> SegmentsPublic:
+    """Segments by slug with their state and member counts, `limit` at a time."""
     conn = _conn(session)
-    errors = errors_by_key(conn, kind="segment")
-    return SegmentsPublic(data=[_public(s, errors) for s in segment_store.list_segments(conn)])
+    after = decode_cursor(cursor) if cursor else ""
+    segments = [s for s in segment_store.list_segments(conn) if s.slug > after]
+    segments.sort(key=lambda s: s.slug)
+    page = segments[:limit]
+    more = len(segments) > limit
+    return SegmentsPublic(
+        data=_publics(conn, page), next_cursor=encode_cursor(page[-1].slug) if more else None
+    )
 
 
 @router.post(
@@ -291,14 +414,22 @@ def list_segments(session: SessionDep, _: SupportKey) -> SegmentsPublic:
 def preview_segment(body: PreviewRequest, session: SessionDep, _: MarketerKey) -> PreviewPublic:
     conn = _conn(session)
     condition = segment_store.validate_definition(conn, slug="", condition=body.condition)
-    result = segment_store.preview(conn, condition=condition, now=utcnow(), sample=body.sample)
+    now = body.as_of or utcnow()
+    result = segment_store.preview(conn, condition=condition, now=now, sample=body.sample)
     return PreviewPublic(count=result.count, sample=result.sample)
 
 
 @router.get("/{slug}", response_model=SegmentPublic, summary="One segment")
-def get_segment(slug: str, session: SessionDep, _: SupportKey) -> SegmentPublic:
-    conn = _conn(session)
-    return _public(segment_store.get_segment(conn, slug=slug), errors_by_key(conn, kind="segment"))
+async def get_segment(
+    slug: str, request: Request, session: SessionDep, _: SupportKey
+) -> SegmentPublic:
+    """The segment, its state and member count; while evaluating, the pass's step."""
+    [public] = await run_in_threadpool(
+        lambda: _publics(_conn(session), [segment_store.get_segment(_conn(session), slug=slug)])
+    )
+    if public.state == "evaluating":
+        public.progress = await _evaluation_progress(request, slug, public.version)
+    return public
 
 
 @router.put(
@@ -308,8 +439,16 @@ def get_segment(slug: str, session: SessionDep, _: SupportKey) -> SegmentPublic:
     responses={**CONFLICT, **NEEDS_TEMPORAL},
 )
 async def update_segment(
-    slug: str, body: SegmentUpdate, request: Request, session: SessionDep, _: MarketerKey
+    slug: str,
+    body: SegmentUpdate,
+    request: Request,
+    session: SessionDep,
+    _: MarketerKey,
+    wait: WaitQuery = False,
+    wait_seconds: WaitSecondsQuery = DEFAULT_WAIT_SECONDS,
 ) -> SegmentPublic:
+    """A new version; its full evaluation starts at once, as on create (`?wait=true`)."""
+
     def update() -> segment_store.SegmentRecord:
         conn = _conn(session)
         segment = segment_store.update_segment(
@@ -325,8 +464,8 @@ async def update_segment(
 
     segment = await run_in_threadpool(update)
     if segment.kind == "rule":
-        await _schedules(request, slug, every=segment.schedule)
-    return _public(segment, {})
+        await _schedules(request, slug, every=segment.schedule, version=segment.version)
+    return await _answer(request, session, slug, wait=wait, wait_seconds=wait_seconds)
 
 
 @router.delete(
@@ -359,9 +498,13 @@ async def delete_segment(
     summary="Evaluate a rule segment now",
     responses={**CONFLICT},
 )
-def evaluate_segment(slug: str, session: SessionDep, _: MarketerKey) -> EvaluationPublic:
+def evaluate_segment(
+    slug: str, session: SessionDep, _: MarketerKey, body: EvaluateRequest | None = None
+) -> EvaluationPublic:
+    """Evaluate now (or as of `as_of`, for a history that ended in the past), then the
+    rule segments that name it."""
     conn = _conn(session)
-    now = utcnow()
+    now = (body.as_of if body else None) or utcnow()
     started = time.monotonic()
     diff = segment_store.evaluate_set_aside_on_failure(conn, slug=slug, now=now)
     if isinstance(diff, FailureRecord):

@@ -283,6 +283,8 @@ class RfmScoringInput(BaseModel):
 
     model_slug: str
     as_of: AwareDatetime | None = None
+    # Set by a save: the model version to score, which may not be committed yet.
+    version: int | None = None
 
 
 class RfmPassSummary(BaseModel):
@@ -298,6 +300,13 @@ class RfmPassSummary(BaseModel):
 
 
 RFM_SCORING_WORKFLOW = "RfmScoringWorkflow"
+
+
+def rfm_save_workflow_id(slug: str, version: int) -> str:
+    """The first pass a save starts: one per saved version (a repeat start is a no-op)."""
+    return f"rfm-save:{slug}:v{version}"
+
+
 RUN_RFM_PASS_ACTIVITY = "run_rfm_pass"
 
 

@@ -236,6 +236,8 @@ class Segment(SQLModel, table=True):
     created_at: datetime = _now_ts()
     updated_at: datetime = _now_ts()
     evaluated_at: datetime | None = _ts(nullable=True)
+    # The version the last full pass evaluated: below `version`, the segment is evaluating.
+    evaluated_version: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
 
 
 class SegmentMembership(SQLModel, table=True):

@@ -170,5 +170,15 @@ def claim_pending_customers(conn: Connection, *, limit: int) -> list[str]:
     return ids
 
 
+def flag_for_realtime(conn: Connection, *, customer_ids: Sequence[str]) -> None:
+    """Have the real-time processor look at these customers again (its next batch)."""
+    if customer_ids:
+        conn.execute(
+            customers.update()
+            .where(customers.c.id.in_(sorted(set(customer_ids))))
+            .values(realtime_pending=True)
+        )
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]

@@ -39,7 +39,9 @@ from sqlalchemy.exc import DataError
 from core.errors import NotFound
 from core.rfm import SegmentRule, label_for, segment_slug
 from core.tables import RfmModel, RfmPass, UTCDateTime
+from store.customers import flag_for_realtime
 from store.failures import FailureSubject, clear_failures, failing_keys, record_failure
+from store.membership_locks import hold_for_pass, keys_held_by_a_pass, rfm_model_key
 from store.rfm_models import StoredModel, get_model, stored_model
 from store.transitions import MembershipDiff, apply_membership
 
@@ -306,6 +308,7 @@ def score_model(
     # Writing first takes the write lock on SQLite and the row lock on PostgreSQL, so two
     # passes of one model queue instead of interleaving.
     tune_for_pass(conn)
+    hold_for_pass(conn, key=rfm_model_key(model_slug))
     locked = conn.execute(
         text("UPDATE rfm_models SET version = version WHERE slug = :slug"), {"slug": model_slug}
     ).rowcount
@@ -671,7 +674,14 @@ def rescore_customers(conn: Connection, *, customer_ids: Sequence[str], now: dat
         return 0
     failing = failing_keys(conn, kind="rfm_model", stage="realtime")
     changed = 0
-    for model, last_pass in _realtime_models(conn):
+    # Asked before the models are read: a model being scored is skipped without waiting
+    # for its pass, and these customers come back once the pass has committed.
+    slugs = conn.execute(select(model_rows.c.slug)).scalars().all()
+    held_keys = keys_held_by_a_pass(conn, keys=[rfm_model_key(slug) for slug in slugs])
+    held = {slug for slug in slugs if rfm_model_key(slug) in held_keys}
+    if held:
+        flag_for_realtime(conn, customer_ids=ids)
+    for model, last_pass in _realtime_models(conn, skip=held):
         if failing.get(model.slug, now) > now:
             continue  # set aside: it waits for its retry time, the other models go on
         try:
@@ -704,12 +714,12 @@ def _rescores_no_customer(
         return False
 
 
-def _realtime_models(conn: Connection) -> list[tuple[StoredModel, dict[str, Any]]]:
-    """Real-time models with their latest pass (id and cut-points), in one round trip.
-
-    On PostgreSQL the share lock waits for a full pass in flight (it holds its model's
-    row), so the cut-points read are that pass's once it commits.
-    """
+def _realtime_models(
+    conn: Connection, *, skip: set[str]
+) -> list[tuple[StoredModel, dict[str, Any]]]:
+    """Real-time models but `skip` (being scored) with their latest pass (id and
+    cut-points), in one round trip. On PostgreSQL the share lock keeps the model from
+    changing under the rescoring (an edit waits for it)."""
     newest = passes.alias("newest")
     latest = (
         select(func.max(newest.c.id))
@@ -720,6 +730,7 @@ def _realtime_models(conn: Connection) -> list[tuple[StoredModel, dict[str, Any]
     query = (
         select(model_rows, passes.c.id.label("pass_id"), passes.c.cutpoints)
         .select_from(model_rows.join(passes, passes.c.id == latest))
+        .where(model_rows.c.slug.not_in(sorted(skip)))
         .order_by(model_rows.c.slug)
     )
     if conn.dialect.name == "postgresql":

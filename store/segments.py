@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
@@ -45,6 +45,7 @@ from core.conditions import (
 from core.durations import parse_duration
 from core.errors import Conflict, ErrorDetail, JourneysError, NotFound, ValidationFailed
 from core.tables import UTCDateTime
+from store.customers import flag_for_realtime
 from store.failures import (
     FailureRecord,
     FailureSubject,
@@ -52,6 +53,7 @@ from store.failures import (
     failing_keys,
     record_failure,
 )
+from store.membership_locks import hold_for_pass, keys_held_by_a_pass, segment_key
 from store.references import lock_for_removal, refuse_if_used, segment_users, share_lock_clause
 from store.transitions import MembershipDiff, apply_membership
 
@@ -433,13 +435,25 @@ class SegmentRecord:
     created_at: datetime
     updated_at: datetime
     evaluated_at: datetime | None
+    evaluated_version: int | None = None
 
     @property
     def schedule_or_default(self) -> str:
         return self.schedule or DEFAULT_SCHEDULE
 
+    @property
+    def evaluation_state(self) -> Literal["evaluating", "ready"]:
+        """A rule segment is ready once a full pass has evaluated its current version;
+        external and RFM segments are whatever was reported or scored."""
+        if self.kind == "rule" and self.evaluated_version != self.version:
+            return "evaluating"
+        return "ready"
 
-_SEGMENT_COLUMNS = "slug, name, kind, condition, schedule, model_slug, version, created_at, updated_at, evaluated_at"
+
+_SEGMENT_COLUMNS = (
+    "slug, name, kind, condition, schedule, model_slug, version, created_at, updated_at,"
+    " evaluated_at, evaluated_version"
+)
 _TIMES = ("created_at", "updated_at", "evaluated_at")
 
 
@@ -720,6 +734,7 @@ def evaluate_segment(conn: Connection, *, slug: str, now: datetime) -> Membershi
     """Evaluate rule segment `slug` as of `now` in one query and make its memberships
     match, writing one transition per change (source `segment-pass:{slug}`). Runs in the
     caller's transaction; a rerun with nothing changed writes nothing."""
+    hold_for_pass(conn, key=segment_key(slug))
     segment = get_segment(conn, slug=slug)
     staged = segment_members_sql(
         _rule_condition(segment), dialect=conn.dialect.name, now=now, slug_param="seg_slug"
@@ -733,8 +748,11 @@ def evaluate_segment(conn: Connection, *, slug: str, now: datetime) -> Membershi
         now=now,
     )
     conn.execute(
-        text("UPDATE segments SET evaluated_at = :now WHERE slug = :slug").bindparams(*_times()),
-        {"slug": slug, "now": now},
+        text(
+            "UPDATE segments SET evaluated_at = :now, evaluated_version = :version"
+            " WHERE slug = :slug"
+        ).bindparams(*_times()),
+        {"slug": slug, "now": now, "version": segment.version},
     )
     return diff
 
@@ -810,6 +828,11 @@ def reevaluate_customers(
     for level in _rule_levels(list_segments(conn, kind="rule")):
         # A segment set aside waits for its retry time; the others go on without it.
         level = [s for s in level if failing.get(s.slug, now) <= now]
+        # A segment a full pass is writing is left to it: these customers come back.
+        held = keys_held_by_a_pass(conn, keys=[segment_key(s.slug) for s in level])
+        if held:
+            flag_for_realtime(conn, customer_ids=ids)
+            level = [s for s in level if segment_key(s.slug) not in held]
         if not level:
             continue
         diff = _reevaluate_level_apart_from_poison(conn, level, ids, now)
@@ -980,6 +1003,22 @@ def due_segments(conn: Connection, *, now: datetime) -> list[str]:
 class Member:
     customer_id: str
     since: datetime
+
+
+def member_counts(conn: Connection, *, slugs: Sequence[str]) -> dict[str, int]:
+    """How many members each of `slugs` has now (an index-only count per segment)."""
+    if not slugs:
+        return {}
+    rows = conn.execute(
+        text(
+            "SELECT segment_slug, COUNT(*) FROM segment_memberships"
+            " WHERE segment_slug IN :slugs GROUP BY segment_slug"
+        ).bindparams(bindparam("slugs", expanding=True)),
+        {"slugs": sorted(set(slugs))},
+    )
+    counts = {slug: 0 for slug in slugs}
+    counts.update({slug: count for slug, count in rows})
+    return counts
 
 
 def list_members(

@@ -116,3 +116,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.config._journeys_exit = int(exitstatus)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def temporal_address(dev_server_env: object) -> str:
+    """The session's real Temporal dev server, for API tests whose saves start workflows
+    (no worker polls their task queue, so nothing runs unless a test starts one)."""
+    return dev_server_env.client.service_client.config.target_host  # type: ignore[attr-defined]

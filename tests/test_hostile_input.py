@@ -24,8 +24,8 @@ LEAF = {"attribute": "plan", "op": "eq", "value": "pro"}
 
 
 @pytest.fixture
-def api(store_engine: Engine) -> Iterator[ApiHarness]:
-    with api_harness(store_engine) as harness:
+def api(store_engine: Engine, temporal_address: str) -> Iterator[ApiHarness]:
+    with api_harness(store_engine, temporal_address=temporal_address) as harness:
         yield harness
 
 
@@ -345,11 +345,11 @@ SAME_ANSWER_CASES = [
 
 
 def test_sqlite_and_postgresql_answer_the_same_body_the_same_way(
-    sqlite_engine: Engine, postgres_engine: Engine
+    sqlite_engine: Engine, postgres_engine: Engine, temporal_address: str
 ) -> None:
     answers: dict[str, list[tuple[int, str, str | None]]] = {}
     for name, engine in (("sqlite", sqlite_engine), ("postgres", postgres_engine)):
-        with api_harness(engine) as api:
+        with api_harness(engine, temporal_address=temporal_address) as api:
             answers[name] = []
             for path, role, body in SAME_ANSWER_CASES:
                 response = _post_raw(api, path, body, role)

@@ -16,7 +16,7 @@ from sqlmodel import Session
 
 from core.tables import Segment, utcnow
 from store.failures import failures_of
-from tests.utils.api import ApiHarness, api_harness, settings_for_tests
+from tests.utils.api import ApiHarness, api_harness
 from tests.utils.segments import (
     create_rule_segment,
     drain_realtime,
@@ -228,29 +228,11 @@ async def test_beside_every_poison_a_purchase_reaches_its_segment_and_journey(
     import asyncio
     import json
     import time
-    import uuid
     from pathlib import Path
 
-    from httpx import ASGITransport, AsyncClient
-    from sqlmodel import Session
-
-    from api.app import create_app
-    from store.keys import create_key
-    from worker import build_worker, connect_client, ensure_background_workflows
+    from tests.utils.pipeline import running_product
 
     engine = store_engine
-    queue = f"poison-{uuid.uuid4().hex[:8]}"
-    settings = settings_for_tests(
-        temporal_address=dev_server_env.client.service_client.config.target_host,
-        task_queue=queue,
-        realtime_poll_seconds=0.05,
-        dispatch_poll_seconds=0.05,
-        worker_workflow_pollers=4,
-        worker_activity_pollers=4,
-    )
-    with Session(engine) as session:
-        _, admin = create_key(session, role="admin", name="poison")
-        session.commit()
     welcome = json.loads(
         (Path(__file__).resolve().parent.parent / "templates/journeys/champions.json").read_text()
     )
@@ -263,18 +245,7 @@ async def test_beside_every_poison_a_purchase_reaches_its_segment_and_journey(
         "steps": {"welcome": {**welcome["steps"]["welcome"], "next": None}},
     }
     postgres = engine.dialect.name == "postgresql"
-    client = await connect_client(settings)
-    app = create_app(settings, engine)
-    async with (
-        build_worker(client, settings, engine),
-        app.router.lifespan_context(app),
-        AsyncClient(
-            transport=ASGITransport(app=app),
-            base_url="http://api",
-            headers={"Authorization": f"Bearer {admin}"},
-        ) as api,
-    ):
-        await ensure_background_workflows(client, settings)
+    async with running_product(engine, dev_server_env) as api:
         create_rule_segment(engine, "buyers", BUYERS)
         for slug, condition in POISON_SEGMENTS.items():
             _plant_segment(engine, slug, condition)

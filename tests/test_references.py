@@ -47,8 +47,10 @@ def archive(api, slug: str = JOURNEY) -> None:
     assert archived.status_code == 200, archived.text
 
 
-def test_a_segment_a_journey_triggers_on_stays_until_the_journey_is_archived(store_engine):
-    with api_harness(store_engine) as api:
+def test_a_segment_a_journey_triggers_on_stays_until_the_journey_is_archived(
+    store_engine, temporal_address
+):
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
         created = api.post(
             "/v1/segments",
             role="marketer",
@@ -84,7 +86,7 @@ def test_a_segment_a_journey_triggers_on_stays_until_the_journey_is_archived(sto
         assert api.get("/v1/segments/vip-list", role="marketer").status_code == 404
 
 
-def test_a_segment_another_segment_or_a_model_names_is_not_deleted(store_engine):
+def test_a_segment_another_segment_or_a_model_names_is_not_deleted(store_engine, temporal_address):
     add_customer(store_engine, "c1", {"total_spent": 900})
     with store_engine.begin() as conn:
         for slug, condition in (
@@ -98,7 +100,7 @@ def test_a_segment_another_segment_or_a_model_names_is_not_deleted(store_engine)
                 conn, slug=slug, name=slug, kind="rule", now=NOW, condition=condition
             )
         segment_store.evaluate_segment(conn, slug="big-spenders", now=NOW)
-    with api_harness(store_engine) as api:
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
         model = api.post(
             "/v1/rfm-models",
             role="marketer",
@@ -117,8 +119,9 @@ def test_a_segment_another_segment_or_a_model_names_is_not_deleted(store_engine)
 
 def test_a_model_whose_label_a_journey_uses_is_neither_deleted_nor_loses_the_label(
     store_engine,
+    temporal_address,
 ):
-    with api_harness(store_engine) as api:
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
         assert api.post("/v1/rfm-models", role="marketer", json=model_body()).status_code == 201
         assert api.post("/v1/journeys", role="marketer", json=definition()).status_code == 201
         assert api.post(f"/v1/journeys/{JOURNEY}/activate", role="marketer").status_code == 200
@@ -157,9 +160,9 @@ def test_a_model_whose_label_a_journey_uses_is_neither_deleted_nor_loses_the_lab
         assert deleted.status_code == 200, deleted.text
 
 
-def test_a_template_a_journey_sends_is_not_deleted(store_engine):
+def test_a_template_a_journey_sends_is_not_deleted(store_engine, temporal_address):
     add_segments(store_engine)
-    with api_harness(store_engine) as api:
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
         for path in ("winter/sale.html", "champions/welcome.html"):
             saved = api.post(
                 "/v1/templates", role="marketer", json={"path": path, "source": TEMPLATE_SOURCE}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.utils.api import api_harness
 from tests.utils.rfm import T, load, model_body, purchase
 
@@ -26,9 +28,9 @@ def _events():
     ]
 
 
-def test_model_crud_score_and_read_side(store_engine):
+def test_model_crud_score_and_read_side(store_engine, temporal_address):
     load(store_engine, _events())
-    with api_harness(store_engine) as api:
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
         created = api.post("/v1/rfm-models", role="marketer", json=model_body(segment_map="rfm11"))
         assert created.status_code == 201, created.text
         body = created.json()
@@ -96,8 +98,8 @@ def test_model_crud_score_and_read_side(store_engine):
         assert api.get("/v1/rfm-models/default", role="marketer").status_code == 404
 
 
-def test_validation_errors_name_the_field(store_engine):
-    with api_harness(store_engine) as api:
+def test_validation_errors_name_the_field(store_engine, temporal_address):
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
         uncovered = api.post(
             "/v1/rfm-models",
             role="marketer",
@@ -157,25 +159,27 @@ def test_validation_errors_name_the_field(store_engine):
         assert bad_cursor.status_code == 422
 
 
-def test_roles(store_engine):
-    with api_harness(store_engine) as api:
+def test_roles(store_engine, temporal_address):
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
         assert api.get("/v1/rfm-models", role="ingest").status_code == 403
         assert api.client.get("/v1/rfm-models").status_code == 401
         assert api.get("/v1/rfm-models", role="admin").status_code == 200
 
 
-def test_a_schedule_needs_temporal_and_nothing_is_kept_without_it(store_engine):
-    # The harness points at a closed port: the model is refused with 503, not half-made.
+@pytest.mark.parametrize("schedule", ["PT1H", None])
+def test_a_model_needs_temporal_and_nothing_is_kept_without_it(store_engine, schedule):
+    # The harness points at a closed port: the model is refused with 503, not half-made
+    # (its first pass, and any schedule, are Temporal's to run).
     with api_harness(store_engine) as api:
-        response = api.post("/v1/rfm-models", role="marketer", json=model_body(schedule="PT1H"))
+        response = api.post("/v1/rfm-models", role="marketer", json=model_body(schedule=schedule))
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "temporal_unavailable"
         assert api.get("/v1/rfm-models/default", role="marketer").status_code == 404
         assert api.get("/v1/segments", role="marketer").json()["data"] == []
 
 
-def test_targeting_must_name_existing_segments(store_engine):
-    with api_harness(store_engine) as api:
+def test_targeting_must_name_existing_segments(store_engine, temporal_address):
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
         response = api.post(
             "/v1/rfm-models",
             role="marketer",

@@ -26,7 +26,7 @@ class RfmScoringWorkflow:
         as_of = request.as_of or workflow.now()
         return await workflow.execute_activity(
             RUN_RFM_PASS_ACTIVITY,
-            RfmScoringInput(model_slug=request.model_slug, as_of=as_of),
+            RfmScoringInput(model_slug=request.model_slug, as_of=as_of, version=request.version),
             result_type=RfmPassSummary,
             start_to_close_timeout=timedelta(hours=2),
             heartbeat_timeout=timedelta(seconds=60),

@@ -25,7 +25,7 @@ class SegmentEvaluationWorkflow:
     async def run(self, request: SegmentEvaluationInput) -> EvaluateSegmentsResult:
         return await workflow.execute_activity(
             EVALUATE_SEGMENTS_ACTIVITY,
-            EvaluateSegmentsInput(slug=request.slug, as_of=workflow.now()),
+            EvaluateSegmentsInput(slug=request.slug, as_of=workflow.now(), version=request.version),
             result_type=EvaluateSegmentsResult,
             start_to_close_timeout=timedelta(minutes=30),
             heartbeat_timeout=timedelta(minutes=2),

@@ -1,0 +1,48 @@
+"""The whole product in one test: the API (with its lifespan) and a real worker (real-time
+processor, dispatcher, journeys, evaluations) on a real Temporal dev server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from httpx import ASGITransport, AsyncClient
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from api.app import create_app
+from store.keys import create_key
+from tests.utils.api import settings_for_tests
+from worker import build_worker, connect_client, ensure_background_workflows
+
+
+@asynccontextmanager
+async def running_product(engine: Engine, dev_server_env: Any) -> AsyncIterator[AsyncClient]:
+    """An admin API client on `engine`, with a worker on its own task queue polling fast."""
+    settings = settings_for_tests(
+        temporal_address=dev_server_env.client.service_client.config.target_host,
+        task_queue=f"product-{uuid.uuid4().hex[:8]}",
+        realtime_poll_seconds=0.05,
+        dispatch_poll_seconds=0.05,
+        worker_workflow_pollers=4,
+        worker_activity_pollers=4,
+    )
+    with Session(engine) as session:
+        _, admin = create_key(session, role="admin", name=f"product-{uuid.uuid4().hex[:6]}")
+        session.commit()
+    client = await connect_client(settings)
+    app = create_app(settings, engine)
+    async with (
+        build_worker(client, settings, engine),
+        app.router.lifespan_context(app),
+        AsyncClient(
+            transport=ASGITransport(app=app),
+            base_url="http://api",
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=120,
+        ) as api,
+    ):
+        await ensure_background_workflows(client, settings)
+        yield api
