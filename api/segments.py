@@ -587,10 +587,18 @@ def list_transitions(
         ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
+    cursor: Annotated[
+        str | None,
+        Query(description="the `next_cursor` of the last page, as every list takes it"),
+    ] = None,
 ) -> TransitionsPage:
+    """A feed of entries and exits, oldest first: follow it with `next_cursor`, which
+    stays set at the end so a reader can ask again later for what came since."""
     conn = _conn(session)
     segment_store.get_segment(conn, slug=slug)
-    after_id, since_time = _parse_since(since)
+    if cursor is not None and since is not None:
+        raise ValidationFailed([ErrorDetail("invalid", "give cursor or since, not both", "cursor")])
+    after_id, since_time = _parse_since(cursor if cursor is not None else since)
     rows = segment_store.list_transitions(
         conn, slug=slug, limit=limit, after_id=after_id, since_time=since_time
     )

@@ -287,3 +287,26 @@ def test_a_pass_waits_for_real_time_in_flight_and_reads_what_it_wrote(
         runner.join(10)
     assert done.is_set()
     assert _stored_members(postgres_engine, "big") == {"x"}
+
+
+def test_transitions_follow_with_cursor_as_every_list_does(
+    store_engine: Engine, temporal_address: str
+) -> None:
+    from tests.utils.api import api_harness
+
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
+        body = {"slug": "ext", "name": "E", "owner": "external"}
+        assert api.post("/v1/segments", "marketer", json=body).status_code == 201
+        ids = {"customer_ids": [f"c{i}" for i in range(5)]}
+        assert api.post("/v1/segments/ext/entries", "ingest", json=ids).status_code == 200
+        first = api.get("/v1/segments/ext/transitions?limit=3", "support").json()
+        rest = api.get(
+            f"/v1/segments/ext/transitions?limit=3&cursor={first['next_cursor']}", "support"
+        ).json()
+        by_since = api.get(
+            f"/v1/segments/ext/transitions?limit=3&since={first['next_cursor']}", "support"
+        ).json()
+        assert [t["customer_id"] for t in first["data"] + rest["data"]] == ids["customer_ids"]
+        assert rest == by_since
+        page = api.get("/v1/segments?limit=1", "support").json()
+        assert [s["slug"] for s in page["data"]] == ["ext"] and page["next_cursor"] is None
