@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.saves import wait_for_save
 from core.errors import NotFound
 from core.rfm import RUN_RFM_PASS_ACTIVITY, RfmPassSummary, RfmScoringInput
 from core.settings import Settings
@@ -20,15 +22,14 @@ from store.scoring import score_model
 log = logging.getLogger("journeys.scoring")
 
 
-def _require_version(conn: Connection, slug: str, version: int) -> None:
-    # The save that started this pass commits after starting it: until its version shows,
-    # the activity fails and Temporal retries it with backoff.
-    try:
-        stored = get_model(conn, slug=slug)
-    except NotFound:
-        stored = None
-    if stored is None or stored.version < version:
-        raise ApplicationError(f"RFM model {slug!r} version {version} is not committed yet")
+def _model_version(slug: str) -> Callable[[Connection], int | None]:
+    def read(conn: Connection) -> int | None:
+        try:
+            return get_model(conn, slug=slug).version
+        except NotFound:
+            return None
+
+    return read
 
 
 class ScoringActivities:
@@ -47,10 +48,15 @@ class ScoringActivities:
             step[0] = f"{done}/{total} {next_step}"
 
         subject = FailureSubject("rfm_model", request.model_slug, "rfm_pass")
+        if request.version is not None:
+            wait_for_save(
+                self.engine,
+                read_version=_model_version(request.model_slug),
+                version=request.version,
+                what=f"RFM model {request.model_slug!r}",
+            )
         try:
             with self.engine.begin() as conn:
-                if request.version is not None:
-                    _require_version(conn, request.model_slug, request.version)
                 result = score_model(
                     conn, model_slug=request.model_slug, as_of=as_of, progress=progress
                 )

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.saves import wait_for_save
 from core.errors import NotFound
 from store import segments as segment_store
 from store.failures import FailureSubject, clear_failures, record_failure
@@ -45,10 +47,14 @@ class EvaluateSegmentsResult(BaseModel):
     passes: list[SegmentPassResult] = Field(default_factory=list)
 
 
-def _not_visible_yet(slug: str, version: int) -> ApplicationError:
-    # The save that started this run commits after starting it: retried with backoff
-    # until it shows (a save that rolled back leaves the run to fail when retries end).
-    return ApplicationError(f"segment {slug!r} version {version} is not committed yet")
+def _segment_version(slug: str) -> Callable[[Connection], int | None]:
+    def read(conn: Connection) -> int | None:
+        try:
+            return segment_store.get_segment(conn, slug=slug).version
+        except NotFound:
+            return None
+
+    return read
 
 
 class SegmentActivities:
@@ -61,6 +67,13 @@ class SegmentActivities:
     def evaluate_segments(self, request: EvaluateSegmentsInput) -> EvaluateSegmentsResult:
         """Evaluate `request.slug` (or every due rule segment) and then its dependents."""
         now = request.as_of or datetime.now(UTC)
+        if request.slug is not None and request.version is not None:
+            wait_for_save(
+                self.engine,
+                read_version=_segment_version(request.slug),
+                version=request.version,
+                what=f"segment {request.slug!r}",
+            )
         with self.engine.connect() as conn:
             if request.slug is None:
                 slugs = segment_store.due_segments(conn, now=now)
@@ -68,13 +81,9 @@ class SegmentActivities:
                 try:
                     segment = segment_store.get_segment(conn, slug=request.slug)
                 except NotFound:
-                    if request.version is not None:
-                        raise _not_visible_yet(request.slug, request.version) from None
                     # A schedule can fire between a segment's deletion and its own.
                     log.info("segment %s is gone; nothing to evaluate", request.slug)
                     return EvaluateSegmentsResult()
-                if request.version is not None and segment.version < request.version:
-                    raise _not_visible_yet(request.slug, request.version)
                 if segment.kind != "rule":
                     raise ApplicationError(
                         f"segment {request.slug!r} is {segment.kind}, not rule-based",
