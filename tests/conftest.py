@@ -119,7 +119,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture
-def temporal_address(dev_server_env: object) -> str:
+async def temporal_address(dev_server_env: object) -> AsyncIterator[str]:
     """The session's real Temporal dev server, for API tests whose saves start workflows
-    (no worker polls their task queue, so nothing runs unless a test starts one)."""
-    return dev_server_env.client.service_client.config.target_host  # type: ignore[attr-defined]
+    (no worker polls their task queue, so nothing runs unless a test starts one). What a
+    test left running is terminated after it: the next test may save the same slug, and
+    a save's workflow id (`segment-save:{slug}:v1`) would meet the old run."""
+    from tests.utils.pipeline import terminate_saves
+
+    yield dev_server_env.client.service_client.config.target_host  # type: ignore[attr-defined]
+    await terminate_saves(dev_server_env.client)  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from api.app import create_app
 from tests.conftest import _drop_postgres_schema, new_store
 from tests.utils.api import assert_error_shape, settings_for_tests
 from tests.utils.live_api import LiveApi, live_api
+from tests.utils.pipeline import terminate_saves_at
 
 EXAMPLES = 40
 
@@ -44,6 +45,7 @@ def fuzzed_api(
     temporal = dev_server_env.client.service_client.config.target_host
     with live_api(engine, temporal_address=temporal) as api:
         yield api, schemathesis.openapi.from_url(f"{api.url}/openapi.json")
+    terminate_saves_at(temporal)
     engine.dispose()
     if schema_name:
         _drop_postgres_schema(schema_name)

@@ -39,9 +39,8 @@ PROPERTY_SETTINGS = settings(
 
 
 @pytest.fixture
-def api(store_engine: Engine, dev_server_env: Any) -> Iterator[ApiHarness]:
-    target = dev_server_env.client.service_client.config.target_host
-    with api_harness(store_engine, temporal_address=target) as harness:
+def api(store_engine: Engine, temporal_address: str) -> Iterator[ApiHarness]:
+    with api_harness(store_engine, temporal_address=temporal_address) as harness:
         create_rule_segment(
             store_engine, "buyers", {"event": "Purchase", "count": {"gte": 1}, "within": "P30D"}
         )

@@ -3,6 +3,8 @@ processor, dispatcher, journeys, evaluations) on a real Temporal dev server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,11 +13,38 @@ from typing import Any
 from httpx import ASGITransport, AsyncClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
+from temporalio.client import Client
+from temporalio.service import RPCError
 
 from api.app import create_app
+from core.rfm import RFM_SCORING_WORKFLOW
+from core.segments import SEGMENT_WORKFLOW
 from store.keys import create_key
 from tests.utils.api import settings_for_tests
 from worker import build_worker, connect_client, ensure_background_workflows
+
+
+async def terminate_saves(client: Client) -> None:
+    """End every running evaluation or scoring run on the shared dev server: a test that
+    saved without a worker leaves them waiting, under ids a later test's saves reuse."""
+    running = (
+        "ExecutionStatus = 'Running' AND WorkflowType IN"
+        f" ('{SEGMENT_WORKFLOW}', '{RFM_SCORING_WORKFLOW}')"
+    )
+    async for execution in client.list_workflows(running):
+        with contextlib.suppress(RPCError):
+            await client.get_workflow_handle(execution.id, run_id=execution.run_id).terminate(
+                reason="test teardown"
+            )
+
+
+def terminate_saves_at(address: str) -> None:
+    """`terminate_saves` from synchronous code (a fixture outside the event loop)."""
+
+    async def run() -> None:
+        await terminate_saves(await Client.connect(address))
+
+    asyncio.run(run())
 
 
 @asynccontextmanager
@@ -33,6 +62,7 @@ async def running_product(engine: Engine, dev_server_env: Any) -> AsyncIterator[
         _, admin = create_key(session, role="admin", name=f"product-{uuid.uuid4().hex[:6]}")
         session.commit()
     client = await connect_client(settings)
+    await terminate_saves(client)
     app = create_app(settings, engine)
     async with (
         build_worker(client, settings, engine),
