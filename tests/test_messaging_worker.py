@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ import pytest
 from sqlalchemy.engine import Engine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
-from temporalio.worker import Worker
 
 from activities.messaging import MessagingActivities
 from api.app import create_app
@@ -43,8 +41,6 @@ from tests.utils.journey_runtime import (
 from tests.utils.messaging import (
     ProviderStub,
     SendGridSigner,
-    SendStepRequest,
-    SendStepWorkflow,
     add_customer,
     message_rows,
     provider_settings,
@@ -214,68 +210,72 @@ async def test_quiet_hours_wait_on_a_durable_timer(
     sqlite_engine: Engine, stub: ProviderStub, time_skipping_env: Any
 ) -> None:
     client = client_for(time_skipping_env)
-    task_queue = f"quiet-{uuid.uuid4().hex[:8]}"
     # Quiet all day but the minute before midnight in the customer's zone: whenever
     # the test runs, the send waits (on a timer) until 23:59 there, then goes.
     add_customer(sqlite_engine, "c-1", attributes={"first_name": "Ada", "tz": "America/New_York"})
     messaging = MessagingActivities(engine=sqlite_engine, settings=provider_settings(stub))
-    async with Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[SendStepWorkflow],
-        activities=messaging.all(),
-        activity_executor=ThreadPoolExecutor(4),
-    ):
-        started = await client.execute_workflow(
-            SendStepWorkflow.run,
-            SendStepRequest(
-                customer_id="c-1",
-                quiet_hours={"start": "00:00", "end": "23:59", "timezone_attribute": "tz"},
-            ),
-            id=f"quiet-{uuid.uuid4().hex[:8]}",
-            task_queue=task_queue,
-        )
-    statuses = [result.status for result in started]
-    if statuses == ["sent"]:
-        pytest.skip("the test ran in the one minute that is not quiet")
-    assert statuses == ["deferred", "sent"]
-    until = started[0].deferred_until
-    assert (
-        until is not None
-        and until.astimezone(ZoneInfo("America/New_York")).strftime("%H:%M") == "23:59"
+    journey = _journey(
+        ("welcome", "champions/welcome.html"),
+        quiet_hours={"start": "00:00", "end": "23:59", "timezone_attribute": "tz"},
     )
+    async with journey_worker(client, sqlite_engine, messaging) as task_queue:
+        handle = await _start(client, time_skipping_env, journey, "c-1", task_queue)
+        final = await _result(handle)
+    timeline = _timeline(sqlite_engine, "c-1")
+    sends = [line for line in timeline if line.step == "welcome" and line.kind != "completed"]
+    new_york = ZoneInfo("America/New_York")
+    if sends[0].occurred_at.astimezone(new_york).strftime("%H:%M") == "23:59":
+        pytest.skip("the test ran in the one minute that is not quiet")
+    assert final.status == "completed"
+    assert [line.kind for line in sends] == ["deferred", "sent"]
+    until = datetime.fromisoformat(sends[0].detail["deferred_until"])
+    assert until.astimezone(new_york).strftime("%H:%M") == "23:59"
+    # The run slept on a durable timer until then, and sent after it fired.
+    assert await _timers_fired(handle) == 1
+    assert sends[1].occurred_at >= until
     assert len(stub.of_path("/v3/mail/send")) == 1
-    assert [line["kind"] for line in run_events(sqlite_engine)] == ["deferred", "sent"]
+    assert [row["status"] for row in message_rows(sqlite_engine)] == ["sent"]
+    assert [line["kind"] for line in run_events(sqlite_engine)] == [
+        "entered",
+        "deferred",
+        "sent",
+        "completed",
+    ]
 
 
 async def test_frequency_cap_defers_on_a_durable_timer(
     sqlite_engine: Engine, stub: ProviderStub, time_skipping_env: Any
 ) -> None:
     client = client_for(time_skipping_env)
-    task_queue = f"cap-{uuid.uuid4().hex[:8]}"
     add_customer(sqlite_engine, "c-1")
     messaging = MessagingActivities(engine=sqlite_engine, settings=provider_settings(stub))
-    cap = {"max_messages": 1, "per": "P3D", "action": "defer"}
-    async with Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[SendStepWorkflow],
-        activities=messaging.all(),
-        activity_executor=ThreadPoolExecutor(4),
-    ):
-        results = await client.execute_workflow(
-            SendStepWorkflow.run,
-            SendStepRequest(
-                customer_id="c-1",
-                step_id="welcome",
-                frequency_cap=cap,
-                then=[("vip", "champions/vip_rewards.html")],
-            ),
-            id=f"cap-{uuid.uuid4().hex[:8]}",
-            task_queue=task_queue,
-        )
+    journey = _journey(
+        ("welcome", "champions/welcome.html"),
+        ("vip", "champions/vip_rewards.html"),
+        frequency_cap={"max_messages": 1, "per": "P3D", "action": "defer"},
+    )
+    async with journey_worker(client, sqlite_engine, messaging) as task_queue:
+        handle = await _start(client, time_skipping_env, journey, "c-1", task_queue)
+        final = await _result(handle)
+    assert final.status == "completed"
     # The second send waited three days of (skipped) time for the first to leave the window.
-    assert [r.status for r in results] == ["sent", "deferred", "sent"]
-    assert results[1].deferred_until is not None
-    assert [line["kind"] for line in run_events(sqlite_engine)] == ["sent", "deferred", "sent"]
+    timeline = _timeline(sqlite_engine, "c-1")
+    sends = [line for line in timeline if line.kind in ("sent", "deferred")]
+    assert [(line.step, line.kind) for line in sends] == [
+        ("welcome", "sent"),
+        ("vip", "deferred"),
+        ("vip", "sent"),
+    ]
+    until = datetime.fromisoformat(sends[1].detail["deferred_until"])
+    assert until >= sends[0].occurred_at + timedelta(days=3)
+    assert await _timers_fired(handle) == 1
+    assert sends[2].occurred_at >= until
+    assert [line["kind"] for line in run_events(sqlite_engine)] == [
+        "entered",
+        "sent",
+        "deferred",
+        "sent",
+        "completed",
+    ]
     assert len(stub.of_path("/v3/mail/send")) == 2
+    assert [row["status"] for row in message_rows(sqlite_engine)] == ["sent", "sent"]
