@@ -1,6 +1,7 @@
-"""The send_message activity inside Temporal: a worker process SIGKILLed between the
-provider call and the activity's completion, and deferrals (quiet hours, frequency cap)
-slept on durable timers on the time-skipping server."""
+"""The real journey workflow's send step inside Temporal, with the real send_message and
+run bookkeeping activities: a worker process SIGKILLed between the provider call and the
+activity's completion, and deferrals (quiet hours, frequency cap) slept on durable timers
+on the time-skipping server."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -22,21 +22,31 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
-from temporalio.worker import Worker
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
 
 from activities.messaging import MessagingActivities
 from api.app import create_app
-from tests.utils.journey_runtime import client_for
+from core.journeys import JourneyDefinition
+from core.runs import JourneyRunState
+from core.signals import journey_workflow_id
+from store import runs as run_store
+from store.runs import TimelineLine
+from tests.utils.journey_runtime import (
+    client_for,
+    definition,
+    journey_input,
+    journey_worker,
+)
 from tests.utils.messaging import (
     ProviderStub,
     SendGridSigner,
-    SendStepRequest,
-    SendStepWorkflow,
     add_customer,
     message_rows,
     provider_settings,
     run_events,
 )
+from workflows.journey import SEND_TIMEOUT, JourneyWorkflow
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,6 +56,52 @@ def stub() -> Iterator[ProviderStub]:
     server = ProviderStub().start()
     yield server
     server.stop()
+
+
+def _journey(*emails: tuple[str, str], **changes: Any) -> JourneyDefinition:
+    """A journey of `emails` (step id, template) in a row, with top-level changes."""
+    steps = {
+        step_id: {
+            "type": "email",
+            "template": template,
+            "next": emails[i + 1][0] if i + 1 < len(emails) else None,
+        }
+        for i, (step_id, template) in enumerate(emails)
+    }
+    return definition(start=emails[0][0], steps=steps, goal=None, **changes)
+
+
+async def _start(
+    client: Client, env: Any, journey: JourneyDefinition, customer_id: str, task_queue: str
+) -> WorkflowHandle[Any, JourneyRunState]:
+    return await client.start_workflow(
+        JourneyWorkflow.run,
+        journey_input(journey, customer_id, entered_at=await env.get_current_time()),
+        id=journey_workflow_id(journey.slug, customer_id),
+        task_queue=task_queue,
+    )
+
+
+def _timeline(engine: Engine, customer_id: str) -> list[TimelineLine]:
+    with engine.connect() as conn:
+        (run,) = run_store.customer_runs(conn, customer_id=customer_id)
+    return run.timeline
+
+
+async def _timers_fired(handle: WorkflowHandle[Any, Any]) -> int:
+    history = await handle.fetch_history()
+    return sum(1 for e in history.events if e.event_type == EventType.EVENT_TYPE_TIMER_FIRED)
+
+
+async def _result(
+    handle: WorkflowHandle[Any, JourneyRunState], within: timedelta = timedelta(minutes=1)
+) -> JourneyRunState:
+    # A bound on waiting, not a timed assertion: a run that never ends (a send deferred
+    # again and again) fails the test instead of hanging it; the worker's exit ends it.
+    try:
+        return await asyncio.wait_for(handle.result(), within.total_seconds())
+    except TimeoutError:
+        raise AssertionError(f"the run did not end within {within}") from None
 
 
 async def _wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float = 60.0) -> None:
@@ -61,15 +117,22 @@ async def _wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_worker_killed_after_the_provider_call_sends_once_and_resolves(
     sqlite_engine: Engine, stub: ProviderStub, dev_server_env: Any, tmp_path: Path
 ) -> None:
-    add_customer(sqlite_engine, "c-1")
+    # On the real dev server: the time-skipping one holds its clock while the dead
+    # worker's attempt is outstanding, so only real time runs out its timeout.
+    env = dev_server_env
+    customer_id = f"c-{uuid.uuid4().hex[:8]}"
+    add_customer(sqlite_engine, customer_id)
     database_url = sqlite_engine.url.render_as_string(hide_password=False)
-    client = client_for(dev_server_env)
-    address = dev_server_env.client.service_client.config.target_host
+    client = client_for(env)
+    address = env.client.service_client.config.target_host
     task_queue = f"sigkill-{uuid.uuid4().hex[:8]}"
     marker = tmp_path / "provider-answered"
+    journey = _journey(("welcome", "champions/welcome.html"))
+    # The worker process runs the journey and its activities until it is killed.
     process = subprocess.Popen(
         [
             sys.executable,
@@ -87,38 +150,32 @@ async def test_worker_killed_after_the_provider_call_sends_once_and_resolves(
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
-        # This process runs the workflow only; the activity runs in the worker process.
-        async with Worker(client, task_queue=task_queue, workflows=[SendStepWorkflow]):
-            handle = await client.start_workflow(
-                SendStepWorkflow.run,
-                SendStepRequest(customer_id="c-1", attempt_timeout_seconds=3),
-                id=f"journey:champions:c-1:{uuid.uuid4().hex[:6]}",
-                task_queue=task_queue,
-            )
-            await _wait_for(marker, process)
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            assert message_rows(sqlite_engine)[0]["status"] == "sending"
+        handle = await _start(client, env, journey, customer_id, task_queue)
+        await _wait_for(marker, process)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert message_rows(sqlite_engine)[0]["status"] == "sending"
 
-            settings = provider_settings(stub, database_url=database_url)
-            messaging = MessagingActivities(engine=sqlite_engine, settings=settings)
-            async with Worker(
-                client,
-                task_queue=task_queue,
-                activities=messaging.all(),
-                activity_executor=ThreadPoolExecutor(4),
-            ):
-                [result] = await handle.result()
+        settings = provider_settings(stub, database_url=database_url)
+        messaging = MessagingActivities(engine=sqlite_engine, settings=settings)
+        async with journey_worker(client, sqlite_engine, messaging, task_queue=task_queue):
+            # Nothing tells Temporal the worker died: the attempt runs out the journey's
+            # start-to-close timeout for sends, then this worker takes the retry.
+            final = await _result(handle, within=SEND_TIMEOUT + timedelta(minutes=1))
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
 
-    assert result.status == "in_doubt"
+    assert final.status == "completed"
     assert len(stub.of_path("/v3/mail/send")) == 1
     [row] = message_rows(sqlite_engine)
     assert row["status"] == "in_doubt"
-    assert [line["kind"] for line in run_events(sqlite_engine)] == ["in_doubt"]
+    assert [line["kind"] for line in run_events(sqlite_engine)] == [
+        "entered",
+        "in_doubt",
+        "completed",
+    ]
 
     # SendGrid's signed webhook, carrying the key from custom_args, resolves it.
     signer = SendGridSigner.generate()
@@ -153,68 +210,72 @@ async def test_quiet_hours_wait_on_a_durable_timer(
     sqlite_engine: Engine, stub: ProviderStub, time_skipping_env: Any
 ) -> None:
     client = client_for(time_skipping_env)
-    task_queue = f"quiet-{uuid.uuid4().hex[:8]}"
     # Quiet all day but the minute before midnight in the customer's zone: whenever
     # the test runs, the send waits (on a timer) until 23:59 there, then goes.
     add_customer(sqlite_engine, "c-1", attributes={"first_name": "Ada", "tz": "America/New_York"})
     messaging = MessagingActivities(engine=sqlite_engine, settings=provider_settings(stub))
-    async with Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[SendStepWorkflow],
-        activities=messaging.all(),
-        activity_executor=ThreadPoolExecutor(4),
-    ):
-        started = await client.execute_workflow(
-            SendStepWorkflow.run,
-            SendStepRequest(
-                customer_id="c-1",
-                quiet_hours={"start": "00:00", "end": "23:59", "timezone_attribute": "tz"},
-            ),
-            id=f"quiet-{uuid.uuid4().hex[:8]}",
-            task_queue=task_queue,
-        )
-    statuses = [result.status for result in started]
-    if statuses == ["sent"]:
-        pytest.skip("the test ran in the one minute that is not quiet")
-    assert statuses == ["deferred", "sent"]
-    until = started[0].deferred_until
-    assert (
-        until is not None
-        and until.astimezone(ZoneInfo("America/New_York")).strftime("%H:%M") == "23:59"
+    journey = _journey(
+        ("welcome", "champions/welcome.html"),
+        quiet_hours={"start": "00:00", "end": "23:59", "timezone_attribute": "tz"},
     )
+    async with journey_worker(client, sqlite_engine, messaging) as task_queue:
+        handle = await _start(client, time_skipping_env, journey, "c-1", task_queue)
+        final = await _result(handle)
+    timeline = _timeline(sqlite_engine, "c-1")
+    sends = [line for line in timeline if line.step == "welcome" and line.kind != "completed"]
+    new_york = ZoneInfo("America/New_York")
+    if sends[0].occurred_at.astimezone(new_york).strftime("%H:%M") == "23:59":
+        pytest.skip("the test ran in the one minute that is not quiet")
+    assert final.status == "completed"
+    assert [line.kind for line in sends] == ["deferred", "sent"]
+    until = datetime.fromisoformat(sends[0].detail["deferred_until"])
+    assert until.astimezone(new_york).strftime("%H:%M") == "23:59"
+    # The run slept on a durable timer until then, and sent after it fired.
+    assert await _timers_fired(handle) == 1
+    assert sends[1].occurred_at >= until
     assert len(stub.of_path("/v3/mail/send")) == 1
-    assert [line["kind"] for line in run_events(sqlite_engine)] == ["deferred", "sent"]
+    assert [row["status"] for row in message_rows(sqlite_engine)] == ["sent"]
+    assert [line["kind"] for line in run_events(sqlite_engine)] == [
+        "entered",
+        "deferred",
+        "sent",
+        "completed",
+    ]
 
 
 async def test_frequency_cap_defers_on_a_durable_timer(
     sqlite_engine: Engine, stub: ProviderStub, time_skipping_env: Any
 ) -> None:
     client = client_for(time_skipping_env)
-    task_queue = f"cap-{uuid.uuid4().hex[:8]}"
     add_customer(sqlite_engine, "c-1")
     messaging = MessagingActivities(engine=sqlite_engine, settings=provider_settings(stub))
-    cap = {"max_messages": 1, "per": "P3D", "action": "defer"}
-    async with Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[SendStepWorkflow],
-        activities=messaging.all(),
-        activity_executor=ThreadPoolExecutor(4),
-    ):
-        results = await client.execute_workflow(
-            SendStepWorkflow.run,
-            SendStepRequest(
-                customer_id="c-1",
-                step_id="welcome",
-                frequency_cap=cap,
-                then=[("vip", "champions/vip_rewards.html")],
-            ),
-            id=f"cap-{uuid.uuid4().hex[:8]}",
-            task_queue=task_queue,
-        )
+    journey = _journey(
+        ("welcome", "champions/welcome.html"),
+        ("vip", "champions/vip_rewards.html"),
+        frequency_cap={"max_messages": 1, "per": "P3D", "action": "defer"},
+    )
+    async with journey_worker(client, sqlite_engine, messaging) as task_queue:
+        handle = await _start(client, time_skipping_env, journey, "c-1", task_queue)
+        final = await _result(handle)
+    assert final.status == "completed"
     # The second send waited three days of (skipped) time for the first to leave the window.
-    assert [r.status for r in results] == ["sent", "deferred", "sent"]
-    assert results[1].deferred_until is not None
-    assert [line["kind"] for line in run_events(sqlite_engine)] == ["sent", "deferred", "sent"]
+    timeline = _timeline(sqlite_engine, "c-1")
+    sends = [line for line in timeline if line.kind in ("sent", "deferred")]
+    assert [(line.step, line.kind) for line in sends] == [
+        ("welcome", "sent"),
+        ("vip", "deferred"),
+        ("vip", "sent"),
+    ]
+    until = datetime.fromisoformat(sends[1].detail["deferred_until"])
+    assert until >= sends[0].occurred_at + timedelta(days=3)
+    assert await _timers_fired(handle) == 1
+    assert sends[2].occurred_at >= until
+    assert [line["kind"] for line in run_events(sqlite_engine)] == [
+        "entered",
+        "sent",
+        "deferred",
+        "sent",
+        "completed",
+    ]
     assert len(stub.of_path("/v3/mail/send")) == 2
+    assert [row["status"] for row in message_rows(sqlite_engine)] == ["sent", "sent"]

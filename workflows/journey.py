@@ -297,6 +297,11 @@ class JourneyWorkflow:
                     quiet_hours=self._definition.quiet_hours,
                     frequency_cap=self._definition.frequency_cap,
                     seq=seq,
+                    # Quiet hours and the cap are decided at the later of this and the
+                    # worker's clock: a worker whose clock is behind the server's (or the
+                    # time-skipping test server) must not find the timer it woke from early
+                    # and defer again to the same time, at once, in a loop.
+                    scheduled_at=workflow.now(),
                 ),
                 result_type=SendMessageResult,
                 start_to_close_timeout=SEND_TIMEOUT,

@@ -1,5 +1,5 @@
 """Test helpers of the messaging room: a stub SendGrid / Twilio HTTP server on
-127.0.0.1, settings pointing the real clients at it, customers, a tiny send workflow."""
+127.0.0.1, settings pointing the real clients at it, customers, store rows, signed webhooks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
@@ -19,10 +18,9 @@ from urllib.parse import parse_qs
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from core.messages import SEND_MESSAGE_ACTIVITY, SendMessageInput, SendMessageResult
+    from core.messages import SendMessageInput
     from core.settings import Settings
     from core.signals import JOURNEY_EVENT_SIGNAL, CustomerEventSignal
 
@@ -250,69 +248,6 @@ def run_events(engine: Engine) -> list[dict[str, Any]]:
                 text("SELECT seq, step, kind, reason FROM run_events ORDER BY seq, id")
             )
         ]
-
-
-# --- a tiny workflow that sends one step the way the journey workflow does --------------
-
-
-@dataclass
-class SendStepRequest:
-    customer_id: str
-    template: str = "champions/welcome.html"
-    channel: str = "email"
-    quiet_hours: dict[str, Any] | None = None
-    frequency_cap: dict[str, Any] | None = None
-    step_id: str = "welcome"
-    attempt_timeout_seconds: float = 30.0
-    # Further (step id, template) sends after the first, in the same run.
-    then: list[tuple[str, str]] = field(default_factory=list)
-
-
-@workflow.defn(sandboxed=False)
-class SendStepWorkflow:
-    """Sends its steps in turn; on `deferred` sleeps on a durable timer until then and
-    sends again, as the journey workflow does."""
-
-    @workflow.run
-    async def run(self, request: SendStepRequest) -> list[SendMessageResult]:
-        results: list[SendMessageResult] = []
-        seq = 0
-        for step_id, template in [(request.step_id, request.template), *request.then]:
-            while True:
-                seq += 1
-                send = SendMessageInput.model_validate(
-                    {
-                        "workflow_id": workflow.info().workflow_id,
-                        "run_id": workflow.info().run_id,
-                        "step_id": step_id,
-                        "journey_slug": "champions",
-                        "version": 1,
-                        "customer_id": request.customer_id,
-                        "channel": request.channel,
-                        "template": template,
-                        "quiet_hours": request.quiet_hours,
-                        "frequency_cap": request.frequency_cap,
-                        "seq": seq,
-                        "scheduled_at": workflow.now(),
-                    }
-                )
-                result = await workflow.execute_activity(
-                    SEND_MESSAGE_ACTIVITY,
-                    send,
-                    result_type=SendMessageResult,
-                    start_to_close_timeout=timedelta(seconds=request.attempt_timeout_seconds),
-                    retry_policy=RetryPolicy(
-                        initial_interval=timedelta(milliseconds=200),
-                        backoff_coefficient=1.5,
-                        maximum_interval=timedelta(seconds=2),
-                        maximum_attempts=50,
-                    ),
-                )
-                results.append(result)
-                if result.status != "deferred" or result.deferred_until is None:
-                    break
-                await workflow.sleep(result.deferred_until - workflow.now())
-        return results
 
 
 # --- signing webhooks the way SendGrid and Twilio do -------------------------------------

@@ -1,6 +1,7 @@
-"""A real worker process for the crash test: runs the send_message activity with the
-real SendGrid client, and after the provider has answered (before the send is recorded
-as sent) writes a marker file and hangs, so the test can SIGKILL it at that point.
+"""A real worker process for the crash test: the journey workflow with the real
+send_message and run bookkeeping activities, built by worker.py's `build_worker`. Its
+SendGrid client, after the provider has answered (before the send is recorded as sent),
+writes a marker file and hangs, so the test can SIGKILL the process at that point.
 
     python -m tests.utils.messaging_worker ADDRESS TASK_QUEUE DATABASE_URL STUB_URL MARKER
 """
@@ -10,22 +11,24 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Worker
 
 from activities.messaging import MessagingActivities
+from activities.runs import RunActivities
 from core.db import make_engine
+from core.settings import Settings
 from providers.outgoing import OutgoingEmail, ProviderAccepted
 from providers.sendgrid import SendGridEmailProvider
 from tests.utils.messaging import provider_settings
+from worker import build_worker
+from workflows.journey import JourneyWorkflow
 
 
 class HangAfterProviderCall(SendGridEmailProvider):
-    def __init__(self, settings, marker: Path) -> None:  # noqa: ANN001
+    def __init__(self, settings: Settings, marker: Path) -> None:
         super().__init__(settings)
         self.marker = marker
 
@@ -47,11 +50,13 @@ async def main(
         email_provider=HangAfterProviderCall(settings, Path(marker)),
     )
     client = await Client.connect(address, data_converter=pydantic_data_converter)
-    worker = Worker(
+    worker = build_worker(
         client,
+        settings,
+        engine,
         task_queue=task_queue,
-        activities=messaging.all(),
-        activity_executor=ThreadPoolExecutor(4),
+        workflows=[JourneyWorkflow],
+        activities=[*messaging.all(), *RunActivities(engine).all()],
     )
     print("polling", flush=True)
     await worker.run()
