@@ -29,7 +29,7 @@ from functools import lru_cache
 from html.parser import HTMLParser
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedError, nodes
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -104,19 +104,7 @@ def validate_template(source: str, *, path: str) -> None:
     """Raise TemplateProblem (naming the line) when `source` does not compile: a syntax
     error, an unknown filter or test (even one inside an `{% if %}`, which Jinja would
     only notice when a send reaches it), or an email without its required blocks."""
-    env = _env_for(path)
-    try:
-        parsed = env.parse(source)
-    except TemplateSyntaxError as exc:
-        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
-    for node in parsed.find_all((nodes.Filter, nodes.Test)):
-        is_filter = isinstance(node, nodes.Filter)
-        known = env.filters if is_filter else env.tests
-        if node.name not in known:
-            what = "filter" if is_filter else "test"
-            raise TemplateProblem(
-                f"line {node.lineno}: no {what} named {node.name!r}", line=node.lineno
-            )
+    parsed = _parsed(source, _env_for(path))
     if is_email_template(path):
         names = {block.name for block in parsed.find_all(nodes.Block)}
         missing = [name for name in REQUIRED_EMAIL_BLOCKS if name not in names]
@@ -129,6 +117,24 @@ def validate_template(source: str, *, path: str) -> None:
         _compiled(source, is_email_template(path))
     except TemplateSyntaxError as exc:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
+
+
+def _parsed(source: str, env: SandboxedEnvironment) -> nodes.Template:
+    """The template's syntax tree; TemplateProblem for a syntax error or an unknown filter
+    or test (even one inside an `{% if %}`, which Jinja would only notice when run)."""
+    try:
+        parsed = env.parse(source)
+    except TemplateSyntaxError as exc:
+        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
+    for node in parsed.find_all((nodes.Filter, nodes.Test)):
+        is_filter = isinstance(node, nodes.Filter)
+        known = env.filters if is_filter else env.tests
+        if node.name not in known:
+            what = "filter" if is_filter else "test"
+            raise TemplateProblem(
+                f"line {node.lineno}: no {what} named {node.name!r}", line=node.lineno
+            )
+    return parsed
 
 
 def customer_context(
@@ -359,6 +365,84 @@ def prove_template(
                 render_email(source, context, track_link=lambda url: url)
             else:
                 render_sms(source, context)
+        except TemplateProblem as exc:
+            raise TemplateProblem(
+                f"{exc.message} (rendering for {who})",
+                line=exc.line,
+                security=exc.security,
+                kind=exc.kind,
+            ) from exc
+
+
+# --- personalisation slots -------------------------------------------------------------
+# A slot (banner, top bar, ...) is an HTML fragment a storefront puts in its page: the
+# template's own markup stays, every value it prints is escaped (autoescape), so a
+# customer attribute holding `<script>` shows as text.
+
+SAMPLE_CAMPAIGN = "sample-campaign"
+SAMPLE_EXPERIENCE = "sample-experience"
+
+
+@dataclass(frozen=True)
+class SlotTemplate:
+    """A compiled slot; `constant` holds its text when it reads nothing from its context,
+    so that it is rendered once rather than on every decision."""
+
+    source: str
+    template: Template
+    constant: str | None
+
+
+def slot_context(customer: Mapping[str, Any], *, campaign: str, experience: str) -> dict[str, Any]:
+    """Every name a slot may use: `customer`, `name`, `campaign`, `experience`."""
+    return {
+        "customer": dict(customer),
+        "name": customer.get("first_name") or "there",
+        "campaign": campaign,
+        "experience": experience,
+    }
+
+
+def compile_slot(source: str) -> SlotTemplate:
+    """The compiled slot; TemplateProblem (naming the line) when it does not compile."""
+    parsed = _parsed(source, _html_env)
+    try:
+        template = _compiled(source, True)
+    except TemplateSyntaxError as exc:
+        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
+    constant = None
+    if not meta.find_undeclared_variables(parsed):
+        constant = _run(lambda: str(template.render()).strip())
+    return SlotTemplate(source=source, template=template, constant=constant)
+
+
+def render_slot(slot: SlotTemplate, context: dict[str, Any]) -> str:
+    """The slot's text for this context (surrounding whitespace removed)."""
+    if slot.constant is not None:
+        return slot.constant
+    return _run(lambda: str(slot.template.render(context)).strip())
+
+
+def prove_slot(source: str, *, known_attributes: Mapping[str, Any] | None = None) -> None:
+    """Raise TemplateProblem (naming the line) unless the slot compiles and renders, in
+    the decision's sandbox and context, for a customer with no attributes (every
+    attribute read must be guarded by `| default(...)` or `is defined`) and for one with
+    `known_attributes` (as `prove_template` does for messages)."""
+    slot = compile_slot(source)
+    bare = customer_context(customer_id=SAMPLE_CUSTOMER_ID, email=None, phone=None, attributes={})
+    full = customer_context(
+        customer_id=SAMPLE_CUSTOMER_ID,
+        email=SAMPLE_EMAIL,
+        phone=SAMPLE_PHONE,
+        attributes=known_attributes or {},
+    )
+    for customer, who in (
+        (bare, "a customer without attributes"),
+        (full, "a customer with every known attribute"),
+    ):
+        context = slot_context(customer, campaign=SAMPLE_CAMPAIGN, experience=SAMPLE_EXPERIENCE)
+        try:
+            render_slot(slot, context)
         except TemplateProblem as exc:
             raise TemplateProblem(
                 f"{exc.message} (rendering for {who})",
