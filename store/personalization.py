@@ -1,0 +1,1067 @@
+"""Personalisation campaigns in the store: definitions and their lifecycle, the decision
+query, views, and analytics.
+
+Lifecycle (as journeys): `create` stores draft version 1; each `put` adds a version;
+`activate` makes the latest version the one decisions use (from then on it is frozen:
+edits make a new version, and analytics keep versions apart); `pause` shows everyone the
+default content until the next `activate`; `archive` is final.
+
+Deciding for one customer is one statement (`DecisionStatement`): the customer's row
+and, in a CASE over the experiences in order, the index of the first one whose target
+matches, each target compiled by the segment language (`store.segments.compile_condition`:
+a segment is an indexed lookup of one membership). Views are upserted in batches
+(`record_views`) into one row per (campaign, version, customer, experience).
+
+Analytics (`campaign_analytics`) take each viewer's first view of the version: its
+experience (or control, with the audience it was held out of) is the customer's arm, and
+a conversion is the goal event, within the window after that first view, found in
+`events` when the report is asked for (one correlated lookup on the events index per
+viewer), so a customer converts at most once per version and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+from sqlalchemy import bindparam, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import TextClause
+from sqlmodel import Session
+
+from core.conditions import AttributeCondition, Condition, EventCondition, iter_nodes
+from core.errors import Conflict, ErrorDetail, NotFound, ValidationFailed
+from core.personalization import (
+    CONTROL,
+    DEFAULT,
+    SLOTS,
+    PersonalizationDefinition,
+    bucket_of,
+    parse_definition,
+    segments_named,
+    slot_sources,
+    stored_form,
+)
+from core.rendering import (
+    SlotTemplate,
+    TemplateProblem,
+    compile_slot,
+    customer_context,
+    prove_slot,
+    render_slot,
+    slot_context,
+)
+from core.statistics import Arm, compare
+from core.tables import JSONType, UTCDateTime, utcnow
+from store.customers import sample_attributes
+from store.journeys import segment_exists
+from store.segments import compile_condition, compile_property_filters
+from store.templates import SHIPPED_TEMPLATES_DIR
+
+Store = Session | Connection
+CampaignStateName = Literal["draft", "active", "paused", "archived"]
+
+
+def _connection(session: Store) -> Connection:
+    return session if isinstance(session, Connection) else session.connection()
+
+
+def _ts(name: str) -> Any:
+    return bindparam(name, type_=UTCDateTime())
+
+
+# --- definitions and lifecycle ---------------------------------------------------------
+
+
+class CampaignVersionInfo(BaseModel):
+    version: int
+    definition: dict[str, Any]
+    created_at: datetime
+    activated_at: datetime | None = None
+
+
+class CampaignState(BaseModel):
+    """A campaign as the API shows it; `versions` (newest first) by `get_campaign`."""
+
+    slug: str
+    name: str
+    state: CampaignStateName
+    latest_version: int
+    active_version: int | None
+    created_at: datetime
+    updated_at: datetime
+    versions: list[CampaignVersionInfo] | None = None
+
+
+def _within(field_name: str | None, parent: str) -> bool:
+    return field_name is not None and (
+        field_name == parent or field_name.startswith((f"{parent}.", f"{parent}["))
+    )
+
+
+def validate_campaign(
+    session: Store, *, raw: Any
+) -> tuple[PersonalizationDefinition | None, list[ErrorDetail]]:
+    """The definition when valid against this store, else None and every error, each
+    naming its field: the model's rules, every slot template proven in the decision's
+    sandbox (`core.rendering.prove_slot`, with the attributes stored customers hold), and
+    every segment named existing."""
+    conn = _connection(session)
+    definition, errors = parse_definition(raw)
+    known: dict[str, Any] | None = None
+    for slot_field, source in slot_sources(raw):
+        if any(_within(e.field, slot_field) for e in errors):
+            continue  # pydantic said why already (too long, NUL)
+        if known is None:
+            known = sample_attributes(conn)
+        try:
+            prove_slot(source, known_attributes=known)
+        except TemplateProblem as exc:
+            errors.append(ErrorDetail(exc.code, exc.message, slot_field))
+    if definition is not None:
+        for slug_field, slug in segments_named(definition):
+            if not segment_exists(conn, slug=slug):
+                errors.append(ErrorDetail("unknown_segment", f"no segment {slug!r}", slug_field))
+    return (None, errors) if errors else (definition, [])
+
+
+def _valid_definition(session: Store, raw: Any) -> PersonalizationDefinition:
+    definition, errors = validate_campaign(session, raw=raw)
+    if errors or definition is None:
+        raise ValidationFailed(errors)
+    return definition
+
+
+_CAMPAIGN_COLUMNS = "slug, name, state, latest_version, active_version, created_at, updated_at"
+
+
+def _campaign_row(conn: Connection, slug: str, *, for_update: bool = False) -> CampaignState:
+    lock = " FOR UPDATE" if for_update and conn.dialect.name == "postgresql" else ""
+    row = (
+        conn.execute(
+            text(
+                f"SELECT {_CAMPAIGN_COLUMNS} FROM personalizations WHERE slug = :slug{lock}"
+            ).columns(created_at=UTCDateTime(), updated_at=UTCDateTime()),
+            {"slug": slug},
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"no personalisation campaign {slug!r}", field="slug")
+    return CampaignState(**row)
+
+
+def _insert_version(
+    conn: Connection,
+    *,
+    slug: str,
+    version: int,
+    definition: PersonalizationDefinition,
+    now: datetime,
+) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO personalization_versions (campaign_slug, version, definition, created_at)"
+            " VALUES (:slug, :version, :definition, :now)"
+        ).bindparams(bindparam("definition", type_=JSONType), _ts("now")),
+        {"slug": slug, "version": version, "definition": stored_form(definition), "now": now},
+    )
+
+
+def create_campaign(session: Store, *, raw: Any, now: datetime | None = None) -> CampaignState:
+    """Store a valid definition as draft version 1 of a new campaign; ValidationFailed
+    with every error, or Conflict `campaign_exists`."""
+    conn = _connection(session)
+    now = now or utcnow()
+    definition = _valid_definition(conn, raw)
+    taken = conn.execute(
+        text("SELECT 1 FROM personalizations WHERE slug = :slug"), {"slug": definition.slug}
+    ).first()
+    if taken:
+        raise Conflict(
+            f"campaign {definition.slug!r} exists; PUT /v1/personalizations/{definition.slug}"
+            " adds a version",
+            field="slug",
+            code="campaign_exists",
+        )
+    conn.execute(
+        text(
+            "INSERT INTO personalizations (slug, name, state, latest_version, active_version,"
+            " created_at, updated_at) VALUES (:slug, :name, 'draft', 1, NULL, :now, :now)"
+        ).bindparams(_ts("now")),
+        {"slug": definition.slug, "name": definition.name, "now": now},
+    )
+    _insert_version(conn, slug=definition.slug, version=1, definition=definition, now=now)
+    return _campaign_row(conn, definition.slug)
+
+
+def _refuse_archived(campaign: CampaignState, action: str) -> None:
+    if campaign.state == "archived":
+        raise Conflict(
+            f"campaign {campaign.slug!r} is archived and cannot {action}",
+            field="slug",
+            code="campaign_archived",
+        )
+
+
+def put_campaign(
+    session: Store, *, slug: str, raw: Any, now: datetime | None = None
+) -> CampaignState:
+    """Store a valid definition as a new version (latest + 1). The active version keeps
+    serving decisions, unchanged, until `activate_campaign`. The body's slug may be left
+    out; if given it must equal `slug`."""
+    conn = _connection(session)
+    now = now or utcnow()
+    campaign = _campaign_row(conn, slug, for_update=True)
+    _refuse_archived(campaign, "take a new version")
+    if isinstance(raw, dict) and "slug" not in raw:
+        raw = {**raw, "slug": slug}
+    definition = _valid_definition(conn, raw)
+    if definition.slug != slug:
+        raise ValidationFailed(
+            [
+                ErrorDetail(
+                    "invalid", f"slug {definition.slug!r} differs from the path's {slug!r}", "slug"
+                )
+            ]
+        )
+    version = campaign.latest_version + 1
+    _insert_version(conn, slug=slug, version=version, definition=definition, now=now)
+    conn.execute(
+        text(
+            "UPDATE personalizations SET latest_version = :version, name = :name,"
+            " updated_at = :now WHERE slug = :slug"
+        ).bindparams(_ts("now")),
+        {"slug": slug, "version": version, "name": definition.name, "now": now},
+    )
+    return _campaign_row(conn, slug)
+
+
+def version_definition(session: Store, *, slug: str, version: int) -> PersonalizationDefinition:
+    """The stored definition of one version; NotFound when there is no such version."""
+    row = (
+        _connection(session)
+        .execute(
+            text(
+                "SELECT definition FROM personalization_versions"
+                " WHERE campaign_slug = :slug AND version = :version"
+            ).columns(definition=JSONType),
+            {"slug": slug, "version": version},
+        )
+        .first()
+    )
+    if row is None:
+        raise NotFound(f"campaign {slug!r} has no version {version}", field="version")
+    return PersonalizationDefinition.model_validate(row[0])
+
+
+def activate_campaign(session: Store, *, slug: str, now: datetime | None = None) -> CampaignState:
+    """Make the latest version the one decisions use, and the campaign active (a paused
+    campaign resumes). The version is checked again (a segment may have gone since it
+    was saved): an invalid one raises ValidationFailed and nothing changes."""
+    conn = _connection(session)
+    now = now or utcnow()
+    campaign = _campaign_row(conn, slug, for_update=True)
+    _refuse_archived(campaign, "be activated")
+    version = campaign.latest_version
+    stored = version_definition(conn, slug=slug, version=version)
+    _valid_definition(conn, stored_form(stored))
+    conn.execute(
+        text(
+            "UPDATE personalization_versions SET activated_at = :now"
+            " WHERE campaign_slug = :slug AND version = :version AND activated_at IS NULL"
+        ).bindparams(_ts("now")),
+        {"slug": slug, "version": version, "now": now},
+    )
+    conn.execute(
+        text(
+            "UPDATE personalizations SET state = 'active', active_version = :version,"
+            " name = :name, updated_at = :now WHERE slug = :slug"
+        ).bindparams(_ts("now")),
+        {"slug": slug, "version": version, "name": stored.name, "now": now},
+    )
+    return _campaign_row(conn, slug)
+
+
+def _set_state(conn: Connection, slug: str, state: CampaignStateName, now: datetime) -> None:
+    conn.execute(
+        text(
+            "UPDATE personalizations SET state = :state, updated_at = :now WHERE slug = :slug"
+        ).bindparams(_ts("now")),
+        {"slug": slug, "state": state, "now": now},
+    )
+
+
+def pause_campaign(session: Store, *, slug: str, now: datetime | None = None) -> CampaignState:
+    """Everyone gets the default content (and no view is recorded) until `activate`."""
+    conn = _connection(session)
+    campaign = _campaign_row(conn, slug, for_update=True)
+    _refuse_archived(campaign, "be paused")
+    if campaign.state == "draft":
+        raise Conflict(
+            f"campaign {slug!r} was never activated", field="slug", code="campaign_not_active"
+        )
+    if campaign.state == "active":
+        _set_state(conn, slug, "paused", now or utcnow())
+    return _campaign_row(conn, slug)
+
+
+def archive_campaign(session: Store, *, slug: str, now: datetime | None = None) -> CampaignState:
+    """Final: decisions show the default content; its views and analytics stay."""
+    conn = _connection(session)
+    campaign = _campaign_row(conn, slug, for_update=True)
+    if campaign.state != "archived":
+        _set_state(conn, slug, "archived", now or utcnow())
+    return _campaign_row(conn, slug)
+
+
+def get_campaign(session: Store, *, slug: str) -> CampaignState:
+    """The campaign and every version, newest first."""
+    conn = _connection(session)
+    campaign = _campaign_row(conn, slug)
+    rows = conn.execute(
+        text(
+            "SELECT version, definition, created_at, activated_at FROM personalization_versions"
+            " WHERE campaign_slug = :slug ORDER BY version DESC"
+        ).columns(definition=JSONType, created_at=UTCDateTime(), activated_at=UTCDateTime()),
+        {"slug": slug},
+    ).mappings()
+    campaign.versions = [CampaignVersionInfo(**row) for row in rows]
+    return campaign
+
+
+def list_campaigns(
+    session: Store, *, state: CampaignStateName | None = None
+) -> list[CampaignState]:
+    """Every campaign (in `state`), by slug."""
+    sql = f"SELECT {_CAMPAIGN_COLUMNS} FROM personalizations"
+    params: dict[str, Any] = {}
+    if state is not None:
+        sql += " WHERE state = :state"
+        params["state"] = state
+    rows = _connection(session).execute(
+        text(sql + " ORDER BY slug").columns(created_at=UTCDateTime(), updated_at=UTCDateTime()),
+        params,
+    )
+    return [CampaignState(**row) for row in rows.mappings()]
+
+
+def activated_versions(session: Store, *, slug: str) -> set[int]:
+    """The versions of a campaign that were active at some time (decided, had views)."""
+    rows = _connection(session).execute(
+        text(
+            "SELECT version FROM personalization_versions"
+            " WHERE campaign_slug = :slug AND activated_at IS NOT NULL"
+        ),
+        {"slug": slug},
+    )
+    return {int(row[0]) for row in rows}
+
+
+def campaign_exists(session: Store, *, slug: str) -> bool:
+    return (
+        _connection(session)
+        .execute(text("SELECT 1 FROM personalizations WHERE slug = :slug"), {"slug": slug})
+        .first()
+        is not None
+    )
+
+
+# --- deciding ------------------------------------------------------------------------------
+
+
+def _reads_the_clock(condition: Condition) -> bool:
+    """Whether the condition's SQL depends on the evaluation instant."""
+    for _, node in iter_nodes(condition):
+        if isinstance(node, EventCondition):
+            return True
+        if isinstance(node, AttributeCondition) and node.op in ("before", "after"):
+            return True
+    return False
+
+
+@dataclass
+class DecisionStatement:
+    """The one SELECT that reads a customer and the index of their first matching
+    experience (-1: none). Compiled once per version; a campaign whose conditions read
+    the clock (event conditions, before / after) is compiled again at most once a
+    second, as of the end of that second."""
+
+    definition: PersonalizationDefinition
+    dialect: str
+    reads_clock: bool
+    _compiled: tuple[int, TextClause, dict[str, Any]] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def statement(self, now: float) -> tuple[TextClause, dict[str, Any]]:
+        second = int(now) if self.reads_clock else 0
+        compiled = self._compiled
+        if compiled is None or compiled[0] != second:
+            with self._lock:
+                compiled = self._compiled
+                if compiled is None or compiled[0] != second:
+                    compiled = (second, *self._compile(second + 1))
+                    self._compiled = compiled
+        return compiled[1], compiled[2]
+
+    def _compile(self, epoch: int) -> tuple[TextClause, dict[str, Any]]:
+        as_of = datetime.fromtimestamp(epoch, UTC) if self.reads_clock else utcnow()
+        cases, params = [], {}
+        for index, experience in enumerate(self.definition.experiences):
+            compiled = compile_condition(
+                experience.target(), dialect=self.dialect, now=as_of, param_prefix=f"x{index}_"
+            )
+            cases.append(f"WHEN {compiled.sql} THEN {index}")
+            params.update(compiled.params)
+        sql = (
+            "SELECT c.email, c.phone, c.attributes,"
+            f" CASE {' '.join(cases)} ELSE -1 END AS matched"
+            " FROM customers c WHERE c.id = :decide_customer"
+        )
+        return text(sql), params
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one customer is shown: `experience` is an experience's name, `control` or
+    `default`; `audience` the experience they matched (for control: would have seen)."""
+
+    campaign: str
+    version: int
+    experience: str
+    audience: str | None
+    bucket: int
+    content: dict[str, str]
+    serving: bool
+
+
+@dataclass
+class LiveCampaign:
+    """A campaign version ready to decide: targets compiled to SQL, slots compiled."""
+
+    slug: str
+    version: int
+    state: str
+    stamp: tuple[Any, ...]
+    definition: PersonalizationDefinition
+    statement: DecisionStatement
+    slots: list[dict[str, SlotTemplate]]
+    default_slots: dict[str, SlotTemplate]
+    threshold: int
+    origins: frozenset[str]
+    checked_at: float = 0.0
+
+    @property
+    def serving(self) -> bool:
+        """Only an active campaign shows experiences and records views."""
+        return self.state == "active"
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        slug: str,
+        version: int,
+        state: str,
+        stamp: tuple[Any, ...],
+        dialect: str,
+        definition: PersonalizationDefinition,
+    ) -> LiveCampaign:
+        compiled: dict[str, SlotTemplate] = {}
+
+        def slot(source: str) -> SlotTemplate:
+            if source not in compiled:
+                compiled[source] = compile_slot(source)
+            return compiled[source]
+
+        return cls(
+            slug=slug,
+            version=version,
+            state=state,
+            stamp=stamp,
+            definition=definition,
+            statement=DecisionStatement(
+                definition,
+                dialect,
+                any(_reads_the_clock(e.target()) for e in definition.experiences),
+            ),
+            slots=[
+                {name: slot(source) for name, source in definition.content_of(e).items()}
+                for e in definition.experiences
+            ],
+            default_slots={
+                name: slot(source) for name, source in definition.content_of(None).items()
+            },
+            threshold=definition.control_threshold,
+            origins=frozenset(definition.cors_origins),
+        )
+
+    def decide(self, conn: Connection, *, customer_id: str) -> Decision:
+        """One statement: the customer and their first matching experience; unknown
+        customers and customers in no audience get the default content."""
+        statement, params = self.statement.statement(time.time())
+        row = conn.execute(statement, {**params, "decide_customer": customer_id}).first()
+        bucket = bucket_of(self.slug, customer_id)
+        matched = -1 if row is None else int(row[3])
+        audience = self.definition.experiences[matched].name if matched >= 0 else None
+        if audience is None:
+            experience, slots = DEFAULT, self.default_slots
+        elif bucket < self.threshold:
+            experience, slots = CONTROL, self.default_slots
+        else:
+            experience, slots = audience, self.slots[matched]
+        if not self.serving:
+            experience, slots = DEFAULT, self.default_slots
+        customer: dict[str, Any] = {"id": customer_id}
+        if row is not None:
+            attributes = row[2]
+            if isinstance(attributes, str | bytes):
+                attributes = orjson.loads(attributes)
+            customer = customer_context(
+                customer_id=customer_id, email=row[0], phone=row[1], attributes=attributes or {}
+            )
+        context = slot_context(customer, campaign=self.slug, experience=experience)
+        return Decision(
+            campaign=self.slug,
+            version=self.version,
+            experience=experience,
+            audience=audience,
+            bucket=bucket,
+            content={name: render_slot(slots[name], context) for name in SLOTS},
+            serving=self.serving,
+        )
+
+
+def decision_engine(engine: Engine) -> Engine:
+    """The engine decisions read through. On PostgreSQL in autocommit: a decision is one
+    read, and a transaction around it cost a BEGIN and a ROLLBACK round trip more.
+    SQLite connections begin no transaction for a read already (`core.db`)."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
+
+
+def campaign_stamp(conn: Connection, *, slug: str) -> tuple[Any, ...] | None:
+    """What changes whenever a campaign's decisions may: its state, versions and
+    `updated_at` (None: no such campaign). One primary-key read."""
+    row = conn.execute(
+        text(
+            "SELECT state, active_version, latest_version, updated_at FROM personalizations"
+            " WHERE slug = :slug"
+        ),
+        {"slug": slug},
+    ).first()
+    return None if row is None else tuple(row)
+
+
+def load_live_campaign(conn: Connection, *, slug: str) -> LiveCampaign:
+    """The version decisions use now: the active one (active, paused or archived), else
+    the latest draft (which shows its default content). NotFound for an unknown slug."""
+    stamp = campaign_stamp(conn, slug=slug)
+    if stamp is None:
+        raise NotFound(f"no personalisation campaign {slug!r}", field="slug")
+    state, active_version, latest_version, _ = stamp
+    version = active_version or latest_version
+    return LiveCampaign.build(
+        slug=slug,
+        version=version,
+        state=state,
+        stamp=stamp,
+        dialect=conn.dialect.name,
+        definition=version_definition(conn, slug=slug, version=version),
+    )
+
+
+class CampaignCache:
+    """Live campaigns per process. Each is checked against its store row (one indexed
+    read) at most once every `check_seconds`, and rebuilt when the row changed; the
+    process that changes a campaign forgets it at once. An unknown slug is remembered as
+    such for as long, so a storefront asking for one costs no read per request."""
+
+    MAX_CAMPAIGNS = 1_000
+
+    def __init__(self, engine: Engine, *, check_seconds: float = 1.0):
+        self._engine = engine
+        self._check_seconds = check_seconds
+        self._live: dict[str, LiveCampaign | tuple[float, NotFound]] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, slug: str) -> None:
+        self._live.pop(slug, None)
+
+    def peek(self, slug: str) -> LiveCampaign | None:
+        """The campaign if it was checked recently enough, without touching the store."""
+        entry = self._live.get(slug)
+        if (
+            isinstance(entry, LiveCampaign)
+            and time.monotonic() - entry.checked_at < self._check_seconds
+        ):
+            return entry
+        return None
+
+    def get(self, slug: str, conn: Connection | None = None) -> LiveCampaign:
+        """The campaign as decisions should use it now; NotFound for an unknown slug."""
+        entry = self._live.get(slug)
+        now = time.monotonic()
+        if isinstance(entry, LiveCampaign) and now - entry.checked_at < self._check_seconds:
+            return entry
+        if isinstance(entry, tuple) and now - entry[0] < self._check_seconds:
+            raise entry[1]
+        if conn is None:
+            with self._engine.connect() as own:
+                return self._refresh(own, slug, entry, now)
+        return self._refresh(conn, slug, entry, now)
+
+    def _refresh(self, conn: Connection, slug: str, entry: Any, now: float) -> LiveCampaign:
+        with self._lock:  # one rebuild at a time; the others then find it fresh
+            current = self._live.get(slug)
+            if isinstance(current, LiveCampaign) and now - current.checked_at < self._check_seconds:
+                return current
+            try:
+                if (
+                    isinstance(entry, LiveCampaign)
+                    and campaign_stamp(conn, slug=slug) == entry.stamp
+                ):
+                    entry.checked_at = now
+                    return entry
+                live = load_live_campaign(conn, slug=slug)
+            except NotFound as missing:
+                self._store(slug, (now, missing))
+                raise
+            live.checked_at = now
+            self._store(slug, live)
+            return live
+
+    def _store(self, slug: str, value: LiveCampaign | tuple[float, NotFound]) -> None:
+        if len(self._live) >= self.MAX_CAMPAIGNS and slug not in self._live:
+            self._live.clear()
+        self._live[slug] = value
+
+
+# --- views -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViewRecord:
+    """One view (or `views` views) of a campaign version by a customer."""
+
+    campaign: str
+    version: int
+    customer_id: str
+    experience: str
+    audience: str | None
+    bucket: int
+    at: datetime
+    views: int = 1
+
+
+def merge_views(views: Sequence[ViewRecord]) -> list[dict[str, Any]]:
+    """One row per (campaign, version, customer, experience): first and last view, the
+    audience of the first, the count; sorted by key, so concurrent writers lock rows in
+    the same order."""
+    rows: dict[tuple[str, int, str, str], dict[str, Any]] = {}
+    for view in views:
+        key = (view.campaign, view.version, view.customer_id, view.experience)
+        row = rows.get(key)
+        if row is None:
+            rows[key] = {
+                "campaign": view.campaign,
+                "version": view.version,
+                "customer": view.customer_id,
+                "experience": view.experience,
+                "audience": view.audience,
+                "bucket": view.bucket,
+                "first": view.at,
+                "last": view.at,
+                "views": view.views,
+            }
+            continue
+        if view.at < row["first"]:
+            row["first"], row["audience"] = view.at, view.audience
+        row["last"] = max(row["last"], view.at)
+        row["views"] += view.views
+    return [rows[key] for key in sorted(rows)]
+
+
+def record_views(conn: Connection, *, views: Sequence[ViewRecord]) -> int:
+    """Add these views to the store (one upsert per merged row, in the caller's
+    transaction); returns how many views they were."""
+    rows = merge_views(views)
+    if not rows:
+        return 0
+    least, greatest = ("LEAST", "GREATEST") if conn.dialect.name == "postgresql" else ("MIN", "MAX")
+    table = "personalization_views"
+    conn.execute(
+        text(
+            f"INSERT INTO {table} (campaign_slug, version, customer_id, experience, audience,"
+            " bucket, first_viewed_at, last_viewed_at, views) VALUES (:campaign, :version,"
+            " :customer, :experience, :audience, :bucket, :first, :last, :views)"
+            " ON CONFLICT (campaign_slug, version, customer_id, experience) DO UPDATE SET"
+            f" audience = CASE WHEN excluded.first_viewed_at < {table}.first_viewed_at"
+            f" THEN excluded.audience ELSE {table}.audience END,"
+            f" first_viewed_at = {least}({table}.first_viewed_at, excluded.first_viewed_at),"
+            f" last_viewed_at = {greatest}({table}.last_viewed_at, excluded.last_viewed_at),"
+            f" views = {table}.views + excluded.views"
+        ).bindparams(_ts("first"), _ts("last")),
+        rows,
+    )
+    return sum(row["views"] for row in rows)
+
+
+def count_views(conn: Connection, *, slug: str, version: int | None = None) -> int:
+    """Every view recorded for the campaign (one version)."""
+    sql = "SELECT COALESCE(SUM(views), 0) FROM personalization_views WHERE campaign_slug = :slug"
+    params: dict[str, Any] = {"slug": slug}
+    if version is not None:
+        sql += " AND version = :version"
+        params["version"] = version
+    return int(conn.execute(text(sql), params).scalar_one())
+
+
+# --- analytics -------------------------------------------------------------------------------
+
+
+class ArmFigures(BaseModel):
+    """One group of viewers, each counted in the arm of their first view of the version."""
+
+    viewers: int = Field(description="unique customers whose first view was in this group")
+    views: int = Field(description="every view of those customers (page views)")
+    conversions: int = Field(description="viewers who did the goal within the window, once each")
+    conversion_rate: float | None = Field(description="conversions / viewers")
+    conversion_value: float = Field(description="the value property of each conversion, summed")
+    value_per_viewer: float | None
+
+
+class ExperienceFigures(ArmFigures):
+    """An experience's viewers against the control customers of the same audience."""
+
+    experience: str
+    control: ArmFigures = Field(description="held-out customers who would have seen it")
+    lift: float | None = Field(description="(treatment rate - control rate) / control rate")
+    lift_ci: tuple[float, float] | None = Field(
+        description="95% interval for the lift (delta method on the log rate ratio)"
+    )
+    p_value: float | None = Field(description="two-sided, pooled two-proportion z-test")
+    significant: bool = Field(description="p < 0.05 and lift_ci excludes 0")
+    always_valid_ci: tuple[float, float] | None = Field(
+        description="95% mSPRT interval for the lift: valid however often it is read"
+    )
+    warning: str | None = Field(description="why the figures are too small to read")
+
+
+class GoalPublic(BaseModel):
+    event: str
+    within: str
+    value_property: str | None
+
+
+class CampaignAnalytics(BaseModel):
+    campaign: str
+    version: int
+    control_share: float
+    goal: GoalPublic
+    viewed_from: datetime | None = Field(description="first views at or after (from)")
+    viewed_to: datetime | None = Field(description="first views and conversions before (to)")
+    experiences: list[ExperienceFigures] = Field(description="in the campaign's order")
+    overall: ExperienceFigures = Field(
+        description="every experience's viewers against every control customer with an audience"
+    )
+    control: ArmFigures = Field(description="every held-out customer")
+    default: ArmFigures = Field(description="customers in no audience, who saw the default")
+
+
+def _window_end(dialect: str) -> str:
+    if dialect == "postgresql":
+        return "f.first_viewed_at + make_interval(secs => :window_seconds)"
+    # Stored times are `YYYY-MM-DD HH:MM:SS.ffffff`: whole seconds added, fraction kept.
+    return (
+        "strftime('%Y-%m-%d %H:%M:%S', f.first_viewed_at, '+' || :window_seconds || ' seconds')"
+        " || substr(f.first_viewed_at, 20)"
+    )
+
+
+def _json_number(dialect: str, source: str, path: str, bind: Callable[[Any], str]) -> str:
+    """The numeric JSON value at a dotted `path` of `source`, NULL when it is no number."""
+    parts = path.split(".")
+    if dialect == "postgresql":
+        chain = source + "".join(f" -> CAST({bind(part)} AS text)" for part in parts)
+        return f"CASE WHEN jsonb_typeof({chain}) = 'number' THEN CAST({chain} #>> '{{}}' AS numeric) END"
+    json_path = bind("$" + "".join(f'."{part}"' for part in parts))
+    return (
+        f"CASE WHEN json_type({source}, {json_path}) IN ('integer', 'real')"
+        f" THEN json_extract({source}, {json_path}) END"
+    )
+
+
+def _figures(viewers: int, views: int, conversions: int, value: float) -> ArmFigures:
+    return ArmFigures(
+        viewers=viewers,
+        views=views,
+        conversions=conversions,
+        conversion_rate=conversions / viewers if viewers else None,
+        conversion_value=value,
+        value_per_viewer=value / viewers if viewers else None,
+    )
+
+
+def _add(*arms: ArmFigures) -> ArmFigures:
+    return _figures(
+        sum(a.viewers for a in arms),
+        sum(a.views for a in arms),
+        sum(a.conversions for a in arms),
+        sum(a.conversion_value for a in arms),
+    )
+
+
+def _compared(name: str, treatment: ArmFigures, control: ArmFigures) -> ExperienceFigures:
+    result = compare(
+        Arm(treatment.viewers, treatment.conversions), Arm(control.viewers, control.conversions)
+    )
+    return ExperienceFigures(
+        **treatment.model_dump(),
+        experience=name,
+        control=control,
+        lift=result.lift,
+        lift_ci=result.lift_ci,
+        p_value=result.p_value,
+        significant=result.significant,
+        always_valid_ci=result.always_valid_ci,
+        warning=result.warning,
+    )
+
+
+def default_analytics_version(conn: Connection, *, slug: str) -> int:
+    campaign = _campaign_row(conn, slug)
+    return campaign.active_version or campaign.latest_version
+
+
+def campaign_analytics(
+    conn: Connection,
+    *,
+    slug: str,
+    version: int | None = None,
+    viewed_from: datetime | None = None,
+    viewed_to: datetime | None = None,
+    now: datetime | None = None,
+) -> CampaignAnalytics:
+    """Per experience and for control: viewers, views, conversions, rate, value, and the
+    lift over the control customers of the same audience with its intervals and test.
+
+    Each customer counts once per version, in the group of their first view of it (a
+    customer whose segment changes later stays where they were first shown). A viewer
+    converts when the goal event (its filters met) occurs between their first view and
+    the end of the window, and before `viewed_to` when given; the value is the goal
+    event's value property (first qualifying event). `viewed_from` / `viewed_to` select
+    viewers by their first view."""
+    now = now or utcnow()
+    version = version or default_analytics_version(conn, slug=slug)
+    definition = version_definition(conn, slug=slug, version=version)
+    goal = definition.conversion
+    dialect = conn.dialect.name
+    filters = compile_property_filters(goal.where, dialect=dialect, now=now, param_prefix="gf_")
+    params: dict[str, Any] = {
+        **filters.params,
+        "slug": slug,
+        "version": version,
+        "goal": goal.event,
+        "window_seconds": int(goal.within.total_seconds()),
+        "now": now,
+    }
+    binds = [_ts("now")]
+    names = iter(range(1_000_000))
+
+    def bind(value: Any) -> str:
+        name = f"vp_{next(names)}"
+        params[name] = value
+        return f":{name}"
+
+    first_filter, event_filter = "", ""
+    if viewed_from is not None:
+        first_filter += " AND first_viewed_at >= :viewed_from"
+        params["viewed_from"] = viewed_from
+        binds.append(_ts("viewed_from"))
+    if viewed_to is not None:
+        first_filter += " AND first_viewed_at < :viewed_to"
+        event_filter = " AND e.occurred_at < :viewed_to"
+        params["viewed_to"] = viewed_to
+        binds.append(_ts("viewed_to"))
+    value = (
+        _json_number(dialect, "ev.properties", goal.value_property, bind)
+        if goal.value_property
+        else "NULL"
+    )
+    sql = f"""
+        WITH ranked AS (
+            SELECT customer_id, experience, audience, first_viewed_at,
+                   ROW_NUMBER() OVER (PARTITION BY customer_id
+                                      ORDER BY first_viewed_at, experience) AS place
+            FROM personalization_views WHERE campaign_slug = :slug AND version = :version
+        ),
+        firsts AS (
+            SELECT customer_id, experience, audience, first_viewed_at FROM ranked
+            WHERE place = 1{first_filter}
+        ),
+        totals AS (
+            SELECT customer_id, SUM(views) AS views FROM personalization_views
+            WHERE campaign_slug = :slug AND version = :version GROUP BY customer_id
+        ),
+        attributed AS (
+            SELECT f.customer_id, f.experience, f.audience, (
+                SELECT e.id FROM events e
+                WHERE e.customer_id = f.customer_id AND e.name = :goal
+                  AND e.occurred_at >= f.first_viewed_at AND e.occurred_at <= {_window_end(dialect)}
+                  AND e.occurred_at <= :now{event_filter} AND {filters.sql}
+                ORDER BY e.occurred_at, e.id LIMIT 1
+            ) AS event_id
+            FROM firsts f
+        )
+        SELECT a.experience, a.audience, COUNT(*) AS viewers, SUM(t.views) AS views,
+               COUNT(a.event_id) AS conversions, COALESCE(SUM({value}), 0) AS value
+        FROM attributed a JOIN totals t ON t.customer_id = a.customer_id
+        LEFT JOIN events ev ON ev.id = a.event_id
+        GROUP BY a.experience, a.audience
+    """
+    rows = conn.execute(text(sql).bindparams(*binds), params).all()
+    cells: dict[tuple[str, str | None], ArmFigures] = {
+        (row.experience, row.audience): _figures(
+            int(row.viewers), int(row.views or 0), int(row.conversions), float(row.value or 0)
+        )
+        for row in rows
+    }
+    empty = _figures(0, 0, 0, 0.0)
+    experiences = [
+        _compared(e.name, cells.get((e.name, e.name), empty), cells.get((CONTROL, e.name), empty))
+        for e in definition.experiences
+    ]
+    treated = _add(*(cells.get((e.name, e.name), empty) for e in definition.experiences))
+    held_out = _add(*(cells.get((CONTROL, e.name), empty) for e in definition.experiences))
+    return CampaignAnalytics(
+        campaign=slug,
+        version=version,
+        control_share=definition.control_share,
+        goal=GoalPublic(
+            event=goal.event,
+            within=stored_form(definition)["conversion"]["within"],
+            value_property=goal.value_property,
+        ),
+        viewed_from=viewed_from,
+        viewed_to=viewed_to,
+        experiences=experiences,
+        overall=_compared("all", treated, held_out),
+        control=_add(*(v for (name, _), v in cells.items() if name == CONTROL)),
+        default=_add(*(v for (name, _), v in cells.items() if name == DEFAULT)),
+    )
+
+
+# --- the shipped campaign ------------------------------------------------------------------
+
+SHIPPED_CAMPAIGNS_DIR = SHIPPED_TEMPLATES_DIR / "personalizations"
+SHIPPED_MODEL = "default"
+
+
+class CampaignInstall(BaseModel):
+    slug: str
+    file: str
+    action: Literal["created", "new_version", "unchanged", "archived_skipped"]
+    state: CampaignStateName
+    version: int
+
+
+def shipped_campaign_definitions(*, model: str = SHIPPED_MODEL) -> dict[str, dict[str, Any]]:
+    """The shipped campaigns by file name, their experiences on RFM model `model`'s label
+    segments (`<model>:champions`); for another model than `default` the slug gets
+    `-<model>` appended, as the shipped journeys' do."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(SHIPPED_CAMPAIGNS_DIR.glob("*.json")):
+        raw = json.loads(path.read_text())
+        if model != SHIPPED_MODEL:
+            for experience in raw.get("experiences", []):
+                if "segment" in experience:
+                    label = experience["segment"].split(":", 1)[1]
+                    experience["segment"] = f"{model}:{label}"
+            raw["slug"] = f"{raw['slug']}-{model}"
+        out[path.name] = raw
+    return out
+
+
+def missing_campaign_segments(session: Store, *, model: str = SHIPPED_MODEL) -> list[str]:
+    """Segments the shipped campaigns name that this store does not hold."""
+    conn = _connection(session)
+    named = sorted(
+        {
+            e["segment"]
+            for raw in shipped_campaign_definitions(model=model).values()
+            for e in raw.get("experiences", [])
+            if "segment" in e
+        }
+    )
+    return [slug for slug in named if not segment_exists(conn, slug=slug)]
+
+
+def install_shipped_campaigns(
+    session: Store,
+    *,
+    model: str = SHIPPED_MODEL,
+    activate: bool = False,
+    now: datetime | None = None,
+) -> list[CampaignInstall]:
+    """Install the shipped campaigns: new ones as draft version 1, changed ones as a new
+    version, identical ones untouched; with `activate` each ends active on its latest
+    version. ValidationFailed (every error, before anything is written) when a segment is
+    missing; archived campaigns are left alone."""
+    conn = _connection(session)
+    now = now or utcnow()
+    shipped = shipped_campaign_definitions(model=model)
+    problems: list[ErrorDetail] = []
+    for file, raw in shipped.items():
+        _, errors = validate_campaign(conn, raw=raw)
+        problems += [ErrorDetail(e.code, f"{file}: {e.message}", e.field) for e in errors]
+    if problems:
+        raise ValidationFailed(problems)
+    outcomes: list[CampaignInstall] = []
+    for file, raw in shipped.items():
+        slug = raw["slug"]
+        if not campaign_exists(conn, slug=slug):
+            campaign = create_campaign(conn, raw=raw, now=now)
+            action = "created"
+        else:
+            campaign = _campaign_row(conn, slug)
+            if campaign.state == "archived":
+                outcomes.append(
+                    CampaignInstall(
+                        slug=slug,
+                        file=file,
+                        action="archived_skipped",
+                        state=campaign.state,
+                        version=campaign.latest_version,
+                    )
+                )
+                continue
+            latest = version_definition(conn, slug=slug, version=campaign.latest_version)
+            if stored_form(latest) == stored_form(PersonalizationDefinition.model_validate(raw)):
+                action = "unchanged"
+            else:
+                campaign = put_campaign(conn, slug=slug, raw=raw, now=now)
+                action = "new_version"
+        if activate and not (
+            campaign.state == "active" and campaign.active_version == campaign.latest_version
+        ):
+            campaign = activate_campaign(conn, slug=slug, now=now)
+        outcomes.append(
+            CampaignInstall(
+                slug=slug,
+                file=file,
+                action=action,
+                state=campaign.state,
+                version=campaign.latest_version,
+            )
+        )
+    return outcomes
