@@ -507,3 +507,38 @@ def test_the_shipped_campaign_installs_once_and_activates(store_engine) -> None:
     assert [(o.slug, o.action, o.state) for o in first] == [("rfm-homepage", "created", "draft")]
     assert [(o.action, o.state) for o in again] == [("unchanged", "active")]
     assert [(o.action, o.state, o.version) for o in third] == [("unchanged", "active", 1)]
+
+
+def test_a_segment_a_campaign_uses_is_not_deleted(store_engine) -> None:
+    from store.segments import create_segment, delete_segment
+
+    _setup(store_engine)
+    with store_engine.begin() as conn:
+        create_segment(conn, slug="ext", name="Ext", kind="external", now=T0)
+        create_segment(
+            conn, slug="big", name="Big", kind="rule", now=T0,
+            condition={"attribute": "total_spent", "op": "gt", "value": 1},
+        )  # fmt: skip
+        put_campaign(
+            conn, slug="home", raw=campaign(experiences=[{"name": "E", "segment": "ext"}]), now=T0
+        )
+        activate_campaign(conn, slug="home", now=T0)
+        put_campaign(
+            conn,
+            slug="home",
+            raw=campaign(experiences=[{"name": "Big", "condition": {"not": {"segment": "big"}}}]),
+            now=T0,
+        )
+    with store_engine.begin() as conn, pytest.raises(Conflict) as used:
+        delete_segment(conn, slug="ext")
+    assert used.value.code == "in_use"
+    assert [e.message for e in used.value.errors] == [
+        "segment 'ext' is used by personalization campaign home (active, v2) experiences[0].segment"
+    ]
+    with store_engine.begin() as conn, pytest.raises(Conflict) as drafted:
+        delete_segment(conn, slug="big")
+    assert "home (draft, v3) experiences[0].condition.not.segment" in drafted.value.message
+    with store_engine.begin() as conn:
+        archive_campaign(conn, slug="home", now=T0)
+        delete_segment(conn, slug="ext")
+        delete_segment(conn, slug="big")
