@@ -11,11 +11,13 @@ write on the request's path).
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Body, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Connection
 
@@ -29,6 +31,7 @@ from store.personalization import (
     CampaignAnalytics,
     CampaignCache,
     CampaignState,
+    DecisionReader,
     LiveCampaign,
     ViewRecord,
     activate_campaign,
@@ -176,6 +179,156 @@ def _changed(request: Request, slug: str) -> None:
     campaigns.forget(slug)
 
 
+# --- decisions and views -------------------------------------------------------------------
+
+
+@router.get(
+    "/{slug}/decide",
+    response_model=DecisionPublic,
+    summary="What a customer is shown now (call it on every page view)",
+)
+async def get_decision(
+    slug: SlugPath,
+    request: Request,
+    _: BrowserKey,
+    customer_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_LENGTH)],
+) -> Response:
+    """The first experience whose audience the customer is in, with its slots rendered;
+    the default content for the control group (`experience: control`, `audience` naming
+    the experience withheld), for customers in no audience and for unknown customers.
+    Recorded as a view, asynchronously, while the campaign is active."""
+    state = request.app.state
+    campaigns: CampaignCache = state.campaigns
+    live = campaigns.peek(slug) or await run_in_threadpool(campaigns.get, slug)
+    statement = live.statement.at(time.time())
+    reader: DecisionReader = state.decision_reader
+    if reader.is_async:
+        row = await reader.fetch_async(statement, customer_id)
+    else:
+        # SQLite's driver blocks: its read runs in the thread pool, as every store call of
+        # an async route does.
+        row = await run_in_threadpool(reader.fetch, statement, customer_id)
+    decision = live.decide_row(customer_id, row)
+    if decision.serving:
+        writer: ViewWriter = state.view_writer
+        writer.record(
+            ViewRecord(
+                campaign=slug,
+                version=decision.version,
+                customer_id=customer_id,
+                experience=decision.experience,
+                audience=decision.audience,
+                bucket=decision.bucket,
+                at=utcnow(),
+            )
+        )
+    body = orjson.dumps(
+        {
+            "campaign": decision.campaign,
+            "version": decision.version,
+            "experience": decision.experience,
+            "bucket": decision.bucket,
+            "content": decision.content,
+            "audience": decision.audience,
+            "active": decision.serving,
+        }
+    )
+    return Response(body, media_type="application/json")
+
+
+def _reported_views(
+    conn: Connection, *, slug: str, views: list[ViewIn], campaigns: CampaignCache
+) -> list[ViewRecord]:
+    """The reported views as records, each checked against its version: a known
+    experience, a bucket that agrees with it, a time not in the future. Every error."""
+    now = utcnow()
+    live = campaigns.get(slug, conn)
+    shown = activated_versions(conn, slug=slug)
+    versions: dict[int, LiveCampaign] = {live.version: live}
+    errors: list[ErrorDetail] = []
+    records: list[ViewRecord] = []
+    for i, view in enumerate(views):
+        version = view.version or live.version
+        if version not in shown:
+            errors.append(
+                ErrorDetail(
+                    "not_shown",
+                    f"version {version} of {slug!r} was never active: nobody was shown it",
+                    f"views[{i}].version",
+                )
+            )
+            continue
+        campaign = versions.get(version)
+        if campaign is None:
+            campaign = versions[version] = LiveCampaign.build(
+                slug=slug,
+                version=version,
+                state="active",
+                stamp=(),
+                dialect=conn.dialect,
+                definition=version_definition(conn, slug=slug, version=version),
+            )
+        problem = _view_problem(view, campaign, now)
+        if problem:
+            errors.append(ErrorDetail("invalid", problem[1], f"views[{i}].{problem[0]}"))
+            continue
+        bucket = bucket_of(slug, view.customer_id)
+        audience = view.audience
+        if view.experience == CONTROL and audience is None:
+            audience = campaign.decide(conn, customer_id=view.customer_id).audience
+        elif view.experience != CONTROL:
+            audience = None if view.experience == DEFAULT else view.experience
+        records.append(
+            ViewRecord(
+                campaign=slug,
+                version=version,
+                customer_id=view.customer_id,
+                experience=view.experience,
+                audience=audience,
+                bucket=bucket,
+                at=view.at or now,
+            )
+        )
+    if errors:
+        raise ValidationFailed(errors)
+    return records
+
+
+def _view_problem(view: ViewIn, campaign: LiveCampaign, now: datetime) -> tuple[str, str] | None:
+    definition: PersonalizationDefinition = campaign.definition
+    names = {e.name for e in definition.experiences}
+    if view.experience not in names | {CONTROL, DEFAULT}:
+        return "experience", (
+            f"version {campaign.version} has no experience {view.experience!r}"
+            " (nor is it control or default)"
+        )
+    held_out = bucket_of(campaign.slug, view.customer_id) < campaign.threshold
+    if view.experience == CONTROL and not held_out:
+        return "experience", "this customer is not in the control group of this version"
+    if view.experience in names and held_out:
+        return "experience", "this customer is in the control group: they see the default"
+    if view.audience is not None and (view.experience != CONTROL or view.audience not in names):
+        return "audience", "audience names the experience a control customer would have seen"
+    if view.at is not None and view.at > now + FUTURE_TOLERANCE:
+        return "at", "a view cannot be in the future"
+    return None
+
+
+@router.post("/{slug}/views", response_model=ViewsAccepted, status_code=202)
+def post_views(
+    slug: SlugPath, body: ViewsIn, request: Request, session: SessionDep, _: BrowserKey
+) -> ViewsAccepted:
+    """Views shown by a storefront that caches decisions, stored as decisions' views are
+    (in batches, within a second). A control view without `audience` gets the experience
+    the customer matches now. 422 names every view that does not fit its version."""
+    records = _reported_views(
+        session.connection(), slug=slug, views=body.views, campaigns=request.app.state.campaigns
+    )
+    writer: ViewWriter = request.app.state.view_writer
+    writer.record_many(records)
+    return ViewsAccepted(accepted=len(records))
+
+
 # --- definitions and lifecycle ----------------------------------------------------------------
 
 
@@ -250,153 +403,6 @@ def post_archive(
     archive_campaign(session, slug=slug)
     _changed(request, slug)
     return _public(get_campaign(session, slug=slug))
-
-
-# --- decisions and views -------------------------------------------------------------------
-
-
-def _decision_connection(request: Request) -> Connection:
-    return request.app.state.decision_engine.connect()
-
-
-@router.get(
-    "/{slug}/decide",
-    response_model=DecisionPublic,
-    summary="What a customer is shown now (call it on every page view)",
-)
-def get_decision(
-    slug: SlugPath,
-    request: Request,
-    _: BrowserKey,
-    customer_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_LENGTH)],
-) -> Response:
-    """The first experience whose audience the customer is in, with its slots rendered;
-    the default content for the control group (`experience: control`, `audience` naming
-    the experience withheld), for customers in no audience and for unknown customers.
-    Recorded as a view, asynchronously, while the campaign is active."""
-    state = request.app.state
-    campaigns: CampaignCache = state.campaigns
-    with _decision_connection(request) as conn:
-        live = campaigns.get(slug, conn)
-        decision = live.decide(conn, customer_id=customer_id)
-    if decision.serving:
-        writer: ViewWriter = state.view_writer
-        writer.record(
-            ViewRecord(
-                campaign=slug,
-                version=decision.version,
-                customer_id=customer_id,
-                experience=decision.experience,
-                audience=decision.audience,
-                bucket=decision.bucket,
-                at=utcnow(),
-            )
-        )
-    body = orjson.dumps(
-        {
-            "campaign": decision.campaign,
-            "version": decision.version,
-            "experience": decision.experience,
-            "bucket": decision.bucket,
-            "content": decision.content,
-            "audience": decision.audience,
-            "active": decision.serving,
-        }
-    )
-    return Response(body, media_type="application/json")
-
-
-def _reported_views(
-    conn: Connection, *, slug: str, views: list[ViewIn], campaigns: CampaignCache
-) -> list[ViewRecord]:
-    """The reported views as records, each checked against its version: a known
-    experience, a bucket that agrees with it, a time not in the future. Every error."""
-    now = utcnow()
-    live = campaigns.get(slug, conn)
-    shown = activated_versions(conn, slug=slug)
-    versions: dict[int, LiveCampaign] = {live.version: live}
-    errors: list[ErrorDetail] = []
-    records: list[ViewRecord] = []
-    for i, view in enumerate(views):
-        version = view.version or live.version
-        if version not in shown:
-            errors.append(
-                ErrorDetail(
-                    "not_shown",
-                    f"version {version} of {slug!r} was never active: nobody was shown it",
-                    f"views[{i}].version",
-                )
-            )
-            continue
-        campaign = versions.get(version)
-        if campaign is None:
-            campaign = versions[version] = LiveCampaign.build(
-                slug=slug,
-                version=version,
-                state="active",
-                stamp=(),
-                dialect=conn.dialect.name,
-                definition=version_definition(conn, slug=slug, version=version),
-            )
-        problem = _view_problem(view, campaign, now)
-        if problem:
-            errors.append(ErrorDetail("invalid", problem[1], f"views[{i}].{problem[0]}"))
-            continue
-        bucket = bucket_of(slug, view.customer_id)
-        audience = view.audience
-        if view.experience == CONTROL and audience is None:
-            audience = campaign.decide(conn, customer_id=view.customer_id).audience
-        elif view.experience != CONTROL:
-            audience = None if view.experience == DEFAULT else view.experience
-        records.append(
-            ViewRecord(
-                campaign=slug,
-                version=version,
-                customer_id=view.customer_id,
-                experience=view.experience,
-                audience=audience,
-                bucket=bucket,
-                at=view.at or now,
-            )
-        )
-    if errors:
-        raise ValidationFailed(errors)
-    return records
-
-
-def _view_problem(view: ViewIn, campaign: LiveCampaign, now: datetime) -> tuple[str, str] | None:
-    definition: PersonalizationDefinition = campaign.definition
-    names = {e.name for e in definition.experiences}
-    if view.experience not in names | {CONTROL, DEFAULT}:
-        return "experience", (
-            f"version {campaign.version} has no experience {view.experience!r}"
-            " (nor is it control or default)"
-        )
-    held_out = bucket_of(campaign.slug, view.customer_id) < campaign.threshold
-    if view.experience == CONTROL and not held_out:
-        return "experience", "this customer is not in the control group of this version"
-    if view.experience in names and held_out:
-        return "experience", "this customer is in the control group: they see the default"
-    if view.audience is not None and (view.experience != CONTROL or view.audience not in names):
-        return "audience", "audience names the experience a control customer would have seen"
-    if view.at is not None and view.at > now + FUTURE_TOLERANCE:
-        return "at", "a view cannot be in the future"
-    return None
-
-
-@router.post("/{slug}/views", response_model=ViewsAccepted, status_code=202)
-def post_views(
-    slug: SlugPath, body: ViewsIn, request: Request, session: SessionDep, _: BrowserKey
-) -> ViewsAccepted:
-    """Views shown by a storefront that caches decisions, stored as decisions' views are
-    (in batches, within a second). A control view without `audience` gets the experience
-    the customer matches now. 422 names every view that does not fit its version."""
-    records = _reported_views(
-        session.connection(), slug=slug, views=body.views, campaigns=request.app.state.campaigns
-    )
-    writer: ViewWriter = request.app.state.view_writer
-    writer.record_many(records)
-    return ViewsAccepted(accepted=len(records))
 
 
 # --- analytics -------------------------------------------------------------------------------

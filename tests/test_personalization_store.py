@@ -136,7 +136,8 @@ def test_validation_names_every_error_with_its_path(store_engine) -> None:
         ("unknown_segment", "experiences[1].condition.all[1].segment"),
     }
     # a template is proven even when the rest of the body does not parse
-    _, errors = validate_campaign(store_engine.connect(), raw={**raw, "control_share": "much"})
+    with store_engine.connect() as conn:
+        _, errors = validate_campaign(conn, raw={**raw, "control_share": "much"})
     assert ("template_undefined", "default.banner") in {(e.code, e.field) for e in errors}
 
 
