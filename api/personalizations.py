@@ -202,12 +202,7 @@ async def get_decision(
     live = campaigns.peek(slug) or await run_in_threadpool(campaigns.get, slug)
     statement = live.statement.at(time.time())
     reader: DecisionReader = state.decision_reader
-    if reader.is_async:
-        row = await reader.fetch_async(statement, customer_id)
-    else:
-        # SQLite's driver blocks: its read runs in the thread pool, as every store call of
-        # an async route does.
-        row = await run_in_threadpool(reader.fetch, statement, customer_id)
+    row = await reader.read(statement, customer_id)
     decision = live.decide_row(customer_id, row)
     if decision.serving:
         writer: ViewWriter = state.view_writer

@@ -383,14 +383,52 @@ SAMPLE_CAMPAIGN = "sample-campaign"
 SAMPLE_EXPERIENCE = "sample-experience"
 
 
+SLOT_MEMO_SIZE = 4_096
+
+
 @dataclass(frozen=True)
 class SlotTemplate:
-    """A compiled slot; `constant` holds its text when it reads nothing from its context,
-    so that it is rendered once rather than on every decision."""
+    """A compiled slot. `constant` holds its text when it reads nothing from its context,
+    so that it is rendered once rather than on every decision; `reads` names the
+    customer attributes it reads when nothing else of the customer reaches it, so that
+    its text is remembered by those values (a top bar greeting by first name renders
+    once per name, not once per page view)."""
 
     source: str
     template: Template
     constant: str | None
+    reads: tuple[str, ...] | None = None
+    memo: dict[Any, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+_SLOT_NAMES = {"customer", "name", "campaign", "experience"}
+
+
+def _customer_reads(parsed: nodes.Template) -> tuple[str, ...] | None:
+    """The attributes a slot reads as `customer.x` or `customer["x"]` (and `name`, which
+    is the first name), or None when `customer` reaches it any other way (whole, through
+    a variable, by a computed key) and its text may depend on anything."""
+    if meta.find_undeclared_variables(parsed) - _SLOT_NAMES:
+        return None
+    reads: set[str] = set()
+    covered = 0
+    for node in parsed.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if not (isinstance(target, nodes.Name) and target.name == "customer"):
+            continue
+        if isinstance(node, nodes.Getattr):
+            reads.add(node.attr)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            reads.add(node.arg.value)
+        else:
+            return None
+        covered += 1
+    uses = sum(1 for n in parsed.find_all(nodes.Name) if n.name == "customer")
+    if uses != covered:
+        return None
+    if any(n.name == "name" for n in parsed.find_all(nodes.Name)):
+        reads.add("first_name")
+    return tuple(sorted(reads))
 
 
 def slot_context(customer: Mapping[str, Any], *, campaign: str, experience: str) -> dict[str, Any]:
@@ -413,14 +451,33 @@ def compile_slot(source: str) -> SlotTemplate:
     constant = None
     if not meta.find_undeclared_variables(parsed):
         constant = _run(lambda: str(template.render()).strip())
-    return SlotTemplate(source=source, template=template, constant=constant)
+    return SlotTemplate(
+        source=source, template=template, constant=constant, reads=_customer_reads(parsed)
+    )
+
+
+_ABSENT = object()
 
 
 def render_slot(slot: SlotTemplate, context: dict[str, Any]) -> str:
     """The slot's text for this context (surrounding whitespace removed)."""
     if slot.constant is not None:
         return slot.constant
-    return _run(lambda: str(slot.template.render(context)).strip())
+    if slot.reads is None:
+        return _run(lambda: str(slot.template.render(context)).strip())
+    customer = context["customer"]
+    key = (context.get("experience"), *(customer.get(a, _ABSENT) for a in slot.reads))
+    try:
+        return slot.memo[key]
+    except KeyError:
+        pass
+    except TypeError:  # a value that cannot be a key (a list, an object): render it
+        return _run(lambda: str(slot.template.render(context)).strip())
+    text = _run(lambda: str(slot.template.render(context)).strip())
+    if len(slot.memo) >= SLOT_MEMO_SIZE:
+        slot.memo.clear()
+    slot.memo[key] = text
+    return text
 
 
 def prove_slot(source: str, *, known_attributes: Mapping[str, Any] | None = None) -> None:

@@ -225,3 +225,27 @@ def test_the_shipped_campaign_is_valid_and_proves() -> None:
         prove_slot(source, known_attributes={"first_name": "Ann"})
     for experience in definition.experiences:
         assert set(definition.content_of(experience)) == set(SLOTS)
+
+
+def test_a_slot_is_remembered_by_the_values_it_reads_and_nothing_else() -> None:
+    slot = compile_slot("Hi {{ customer.first_name | default('there') }} ({{ experience }})")
+    assert slot.reads == ("first_name",)
+
+    def text(customer: dict, experience: str = "VIP") -> str:
+        context = slot_context(customer, campaign="c", experience=experience)
+        return render_slot(slot, context)
+
+    assert text({"first_name": "Ann", "city": "Oslo"}) == "Hi Ann (VIP)"
+    assert text({"first_name": "Bo", "city": "Oslo"}) == "Hi Bo (VIP)"
+    assert text({"city": "Rome"}) == "Hi there (VIP)"
+    assert text({"first_name": "Ann"}, "control") == "Hi Ann (control)"
+    assert text({"first_name": ["a", "list"]}) == "Hi [&#39;a&#39;, &#39;list&#39;] (VIP)"
+    assert len(slot.memo) == 4
+    # a slot that reaches the whole customer is rendered every time
+    whole = compile_slot("{% set c = customer %}{{ c.first_name | default('?') }}")
+    assert whole.reads is None
+    assert (
+        render_slot(whole, slot_context({"first_name": "Ann"}, campaign="c", experience="e"))
+        == "Ann"
+    )
+    assert render_slot(whole, slot_context({}, campaign="c", experience="e")) == "?"

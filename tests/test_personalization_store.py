@@ -5,6 +5,8 @@ first view, the value property, lift over the control of the same audience)."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -543,3 +545,34 @@ def test_a_segment_a_campaign_uses_is_not_deleted(store_engine) -> None:
         archive_campaign(conn, slug="home", now=T0)
         delete_segment(conn, slug="ext")
         delete_segment(conn, slug="big")
+
+
+async def test_the_decision_reader_reads_what_the_statement_reads(store_engine) -> None:
+    from store.personalization import DecisionReader
+
+    (vip,), (held,) = customers_by_group("home", 0.1, treated=1, held_out=1)
+    add_label_segment(store_engine, "vip", [vip, held])
+    add_customer(store_engine, vip, {"first_name": "Vi"})
+    add_customer(store_engine, held, {})
+    with store_engine.begin() as conn:
+        create_campaign(conn, raw=campaign(), now=T0)
+        activate_campaign(conn, slug="home", now=T0)
+    with store_engine.connect() as conn:
+        live = load_live_campaign(conn, slug="home")
+    reader = DecisionReader(store_engine, size=2)
+    try:
+        statement = live.statement.at(time.time())
+        for customer in (vip, held, "stranger"):
+            row = await reader.read(statement, customer)
+            assert live.decide_row(customer, row) == _decide(store_engine, customer)
+        if store_engine.dialect.name == "sqlite":
+            # the slow path waits as every connection does, then the loop's short wait again
+            reader.fetch(statement, vip, patient=True)
+            fairy = reader._checkout()
+            raw = fairy.dbapi_connection
+            assert raw.execute("PRAGMA busy_timeout").fetchone()[0] == reader.LOOP_WAIT_MS
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                raw.execute("DELETE FROM customers")
+            reader._idle.put(fairy)
+    finally:
+        await reader.aclose()
