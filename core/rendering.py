@@ -149,12 +149,43 @@ def customer_context(
     }
     customer.update({"id": customer_id, "email": email, "phone": phone})
     if "first_name" not in customer:
-        for key in ("firstName", "given_name", "name", "full_name"):
+        for key in _FIRST_NAME_SOURCES:
             value = customer.get(key)
             if isinstance(value, str) and value.strip():
                 customer["first_name"] = value.strip().split()[0]
                 break
     return {key: value for key, value in customer.items() if value not in (None, "")}
+
+
+_FIRST_NAME_SOURCES = ("firstName", "given_name", "name", "full_name")
+ABSENT: Any = object()
+"""What `customer_field` answers for a name the customer's context would not hold."""
+
+
+def customer_field(
+    name: str,
+    *,
+    customer_id: str,
+    email: str | None,
+    phone: str | None,
+    attributes: Mapping[str, Any],
+) -> Any:
+    """`customer_context(...)[name]` without building the context (ABSENT when it would
+    not hold `name`): what a slot remembered by its values is keyed on."""
+    if name == "id":
+        return customer_id
+    if name in ("email", "phone"):
+        value = email if name == "email" else phone
+        return ABSENT if value in (None, "") else value
+    value = attributes.get(name)
+    if value not in (None, ""):
+        return value
+    if name == "first_name":
+        for key in _FIRST_NAME_SOURCES:
+            source = attributes.get(key)
+            if isinstance(source, str) and source.strip():
+                return source.strip().split()[0]
+    return ABSENT
 
 
 def template_context(
@@ -456,24 +487,39 @@ def compile_slot(source: str) -> SlotTemplate:
     )
 
 
-_ABSENT = object()
-
-
 def render_slot(slot: SlotTemplate, context: dict[str, Any]) -> str:
     """The slot's text for this context (surrounding whitespace removed)."""
+    customer = context["customer"]
+    return render_slot_lazily(
+        slot,
+        experience=context.get("experience"),
+        field=lambda name: customer.get(name, ABSENT),
+        context=lambda: context,
+    )
+
+
+def render_slot_lazily(
+    slot: SlotTemplate,
+    *,
+    experience: str | None,
+    field: Callable[[str], Any],
+    context: Callable[[], dict[str, Any]],
+) -> str:
+    """`render_slot`, asking for the context only when the slot must really be rendered:
+    a constant slot, or one remembered for these values (`field(name)`, as
+    `customer_field` gives them), needs none."""
     if slot.constant is not None:
         return slot.constant
     if slot.reads is None:
-        return _run(lambda: str(slot.template.render(context)).strip())
-    customer = context["customer"]
-    key = (context.get("experience"), *(customer.get(a, _ABSENT) for a in slot.reads))
+        return _run(lambda: str(slot.template.render(context())).strip())
+    key = (experience, *(field(name) for name in slot.reads))
     try:
         return slot.memo[key]
     except KeyError:
         pass
     except TypeError:  # a value that cannot be a key (a list, an object): render it
-        return _run(lambda: str(slot.template.render(context)).strip())
-    text = _run(lambda: str(slot.template.render(context)).strip())
+        return _run(lambda: str(slot.template.render(context())).strip())
+    text = _run(lambda: str(slot.template.render(context())).strip())
     if len(slot.memo) >= SLOT_MEMO_SIZE:
         slot.memo.clear()
     slot.memo[key] = text

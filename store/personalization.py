@@ -64,8 +64,9 @@ from core.rendering import (
     TemplateProblem,
     compile_slot,
     customer_context,
+    customer_field,
     prove_slot,
-    render_slot,
+    render_slot_lazily,
     slot_context,
 )
 from core.statistics import Arm, compare
@@ -568,22 +569,40 @@ class LiveCampaign:
             experience, slots = audience, self.slots[matched]
         if not self.serving:
             experience, slots = DEFAULT, self.default_slots
-        customer: dict[str, Any] = {"id": customer_id}
+        email = phone = None
+        attributes: Any = {}
         if row is not None:
-            attributes = row[2]
+            email, phone, attributes = row[0], row[1], row[2]
             if isinstance(attributes, str | bytes):
                 attributes = orjson.loads(attributes)
-            customer = customer_context(
-                customer_id=customer_id, email=row[0], phone=row[1], attributes=attributes or {}
+            attributes = attributes or {}
+        built: list[dict[str, Any]] = []
+
+        def context() -> dict[str, Any]:
+            if not built:
+                customer = customer_context(
+                    customer_id=customer_id, email=email, phone=phone, attributes=attributes
+                )
+                built.append(slot_context(customer, campaign=self.slug, experience=experience))
+            return built[0]
+
+        def field(name: str) -> Any:
+            return customer_field(
+                name, customer_id=customer_id, email=email, phone=phone, attributes=attributes
             )
-        context = slot_context(customer, campaign=self.slug, experience=experience)
+
         return Decision(
             campaign=self.slug,
             version=self.version,
             experience=experience,
             audience=audience,
             bucket=bucket,
-            content={name: render_slot(slots[name], context) for name in SLOTS},
+            content={
+                name: render_slot_lazily(
+                    slots[name], experience=experience, field=field, context=context
+                )
+                for name in SLOTS
+            },
             serving=self.serving,
         )
 

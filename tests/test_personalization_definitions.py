@@ -249,3 +249,27 @@ def test_a_slot_is_remembered_by_the_values_it_reads_and_nothing_else() -> None:
         == "Ann"
     )
     assert render_slot(whole, slot_context({}, campaign="c", experience="e")) == "?"
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {},
+        {"first_name": "Ann", "city": "Oslo"},
+        {"first_name": "", "name": "  Bo Berg "},
+        {"firstName": "Cy", "email": "attr@example.com", "id": "not-the-id"},
+        {"full_name": "Di Dow", "city": None, "phone": "+1"},
+        {"first_name": None, "given_name": "Ed", "tags": ["a"]},
+    ],
+)
+def test_a_field_is_what_the_context_would_hold(attributes: dict) -> None:
+    from core.rendering import ABSENT, customer_context, customer_field
+
+    for email, phone in ((None, None), ("a@example.com", "+4712345678"), ("", "")):
+        context = customer_context(
+            customer_id="c-1", email=email, phone=phone, attributes=attributes
+        )
+        for name in ("id", "email", "phone", "first_name", "city", "tags", "name", "nope"):
+            assert customer_field(
+                name, customer_id="c-1", email=email, phone=phone, attributes=attributes
+            ) == context.get(name, ABSENT), (name, attributes, email)
