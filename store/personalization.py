@@ -937,11 +937,13 @@ _SQLITE_VIEWS = (
     f"INSERT INTO personalization_views ({_VIEW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     + _VIEWS_UPSERT.format(least="MIN", greatest="MAX")
 )
-# One statement for the whole batch, its columns as arrays.
+# One statement for the whole batch, given as one JSON array of rows: psycopg adapts a
+# JSON text at once, where arrays of thousands of values cost 20 us of client CPU a row.
 _POSTGRES_VIEWS = (
     f"INSERT INTO personalization_views ({_VIEW_COLUMNS})"
-    " SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::text[],"
-    " %s::int[], %s::timestamptz[], %s::timestamptz[], %s::bigint[])"
+    " SELECT r->>0, CAST(r->>1 AS integer), r->>2, r->>3, r->>4, CAST(r->>5 AS integer),"
+    " CAST(r->>6 AS timestamptz), CAST(r->>7 AS timestamptz), CAST(r->>8 AS bigint)"
+    " FROM jsonb_array_elements(CAST(%s AS jsonb)) r"
     + _VIEWS_UPSERT.format(least="LEAST", greatest="GREATEST")
 )
 
@@ -960,12 +962,9 @@ def record_views(conn: Connection, *, views: Sequence[ViewRecord]) -> int:
         return 0
     raw = conn.connection.dbapi_connection
     if conn.dialect.name == "postgresql":
-        columns: list[list[Any]] = [[] for _ in range(9)]
-        for key, row in rows:
-            for i, value in enumerate((*key, *row)):
-                columns[i].append(value)
+        batch = orjson.dumps([(*key, *row) for key, row in rows]).decode()
         with raw.cursor() as cursor:  # type: ignore[union-attr]
-            cursor.execute(_POSTGRES_VIEWS, columns)
+            cursor.execute(_POSTGRES_VIEWS, (batch,))
     else:
         take_sqlite_write_lock(raw)  # type: ignore[arg-type]
         raw.executemany(  # type: ignore[union-attr]
