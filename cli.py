@@ -314,7 +314,7 @@ def worker() -> None:
 
 @keys_app.command("create")
 def keys_create(
-    role: Annotated[str, typer.Option(help="admin | marketer | ingest | support")],
+    role: Annotated[str, typer.Option(help="admin | marketer | ingest | support | web")],
     name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
 ) -> None:
     """Create an API key in the configured store and print it (shown once)."""
@@ -517,7 +517,9 @@ def segments_evaluate(
 # --- journeys ---
 
 journey_templates_app = typer.Typer(
-    help="The seed's five RFM journeys shipped in templates/journeys/.", no_args_is_help=True
+    help="The seed's five RFM journeys (templates/journeys/) and its personalisation campaign"
+    " (templates/personalizations/).",
+    no_args_is_help=True,
 )
 app.add_typer(journey_templates_app, name="templates")
 
@@ -556,8 +558,10 @@ def journey_templates_install(
     ] = False,
 ) -> None:
     """Install the Champions, Regulars, Promising, Needs Attention and At Risk journeys
+    and the homepage personalisation campaign (an experience for each of those segments)
     into the configured store, as drafts (or active with --activate)."""
     from store.journeys import install_shipped_journeys, missing_trigger_segments
+    from store.personalization import install_shipped_campaigns
 
     with migrated_engine().begin() as conn:
         missing = missing_trigger_segments(conn, model=model)
@@ -585,9 +589,14 @@ def journey_templates_install(
             _rfm_model_hint(model, missing)
             finish(EXIT_FAILED)
         outcomes = install_shipped_journeys(conn, model=model, activate=activate)
+        campaigns = install_shipped_campaigns(conn, model=model, activate=activate)
     table = Table("journey", "file", "action", "state", "version")
     for o in outcomes:
         table.add_row(o.slug, o.file, o.action, o.state, str(o.version))
+    console.print(table)
+    table = Table("personalisation campaign", "file", "action", "state", "version")
+    for c in campaigns:
+        table.add_row(c.slug, f"personalizations/{c.file}", c.action, c.state, str(c.version))
     console.print(table)
     finish(0)
 
@@ -673,6 +682,112 @@ def journey_analytics_command(
             exits,
         )
     console.print(table)
+    finish(0)
+
+
+# --- personalisation ---
+
+personalize_app = typer.Typer(
+    help="Personalisation campaigns: an experience per segment, a control group.",
+    no_args_is_help=True,
+)
+app.add_typer(personalize_app, name="personalize")
+
+
+def _instant_option(value: str | None, name: str) -> Any:
+    from datetime import datetime
+
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        console.print(f"[red]error:[/red] --{name} takes an ISO 8601 time with a zone")
+        finish(EXIT_USAGE)
+    return when
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _interval(value: tuple[float, float] | None) -> str:
+    return "-" if value is None else f"[{value[0]:+.1%}, {value[1]:+.1%}]"
+
+
+@personalize_app.command("analytics")
+def personalize_analytics(
+    slug: Annotated[str, typer.Argument(help="The campaign's slug.")],
+    version: Annotated[
+        int | None, typer.Option(help="This version (default: the active one).")
+    ] = None,
+    viewed_from: Annotated[
+        str | None, typer.Option("--from", help="Viewers first shown at or after (ISO).")
+    ] = None,
+    viewed_to: Annotated[
+        str | None, typer.Option("--to", help="Viewers first shown, and conversions, before.")
+    ] = None,
+) -> None:
+    """A campaign's results: per experience and its control group, viewers, conversions,
+    conversion rate and value, and lift with its 95% and always-valid intervals."""
+    from store.personalization import campaign_analytics
+
+    start, end = _instant_option(viewed_from, "from"), _instant_option(viewed_to, "to")
+    with current_engine().connect() as conn:
+        result = campaign_analytics(
+            conn, slug=slug, version=version, viewed_from=start, viewed_to=end
+        )
+    goal = result.goal
+    console.print(
+        f"[bold]{slug}[/bold] v{result.version}: goal {goal.event} within {goal.within}"
+        f"{f' (value: {goal.value_property})' if goal.value_property else ''},"
+        f" control share {result.control_share:.0%}"
+    )
+    table = Table(
+        "experience",
+        "group",
+        "viewers",
+        "conversions",
+        "conv. %",
+        "value",
+        "value/viewer",
+        "lift",
+        "95% CI",
+        "p",
+        "always-valid CI",
+        "significant",
+    )
+
+    def arm_cells(arm: Any) -> list[str]:
+        per_viewer = "-" if arm.value_per_viewer is None else f"{arm.value_per_viewer:,.2f}"
+        return [
+            f"{arm.viewers:,}",
+            f"{arm.conversions:,}",
+            _share(arm.conversion_rate),
+            f"{arm.conversion_value:,.2f}",
+            per_viewer,
+        ]
+
+    for row in [*result.experiences, result.overall]:
+        p_value = "-" if row.p_value is None else f"{row.p_value:.4f}"
+        table.add_row(
+            row.experience,
+            "treatment",
+            *arm_cells(row),
+            "-" if row.lift is None else f"{row.lift:+.1%}",
+            _interval(row.lift_ci),
+            p_value,
+            _interval(row.always_valid_ci),
+            "yes" if row.significant else "no",
+        )
+        table.add_row("", "control", *arm_cells(row.control), "", "", "", "", "")
+    table.add_row("(no audience)", "default", *arm_cells(result.default), "", "", "", "", "")
+    console.print(table)
+    for row in result.experiences:
+        if row.warning:
+            console.print(f"[yellow]{row.experience}: {row.warning}[/yellow]", highlight=False)
     finish(0)
 
 

@@ -92,16 +92,24 @@ def _parameter_problems(request: Request) -> list[ErrorDetail]:
 ERROR_SCHEMA_REF = "#/components/schemas/ErrorBody"
 JOURNEY_DEFINITION_MARK = "x-journey-definition"
 """Marks a body read as raw JSON whose documented schema is `JourneyDefinition`."""
+PERSONALIZATION_DEFINITION_MARK = "x-personalization-definition"
+"""Marks a body read as raw JSON whose documented schema is `PersonalizationDefinition`."""
+_MARKED_SCHEMAS = {
+    JOURNEY_DEFINITION_MARK: "JourneyDefinition",
+    PERSONALIZATION_DEFINITION_MARK: "PersonalizationDefinition",
+}
 
 
 def typed_request_bodies(document: dict[str, Any]) -> None:
-    """Point every marked request body of an OpenAPI document at `JourneyDefinition`."""
+    """Point every marked request body of an OpenAPI document at its definition schema
+    (`JourneyDefinition`, `PersonalizationDefinition`)."""
     for item in document.get("paths", {}).values():
         for operation in item.values():
             content = operation.get("requestBody", {}).get("content", {})
             for media in content.values():
-                if media.get("schema", {}).get(JOURNEY_DEFINITION_MARK):
-                    media["schema"] = {"$ref": "#/components/schemas/JourneyDefinition"}
+                for mark, schema in _MARKED_SCHEMAS.items():
+                    if media.get("schema", {}).get(mark):
+                        media["schema"] = {"$ref": f"#/components/schemas/{schema}"}
 
 
 _DESCRIPTIONS = {

@@ -156,3 +156,5 @@ AdminKey = Annotated[VerifiedKey, Depends(require_role())]
 MarketerKey = Annotated[VerifiedKey, Depends(require_role("marketer"))]
 IngestKey = Annotated[VerifiedKey, Depends(require_role("ingest"))]
 SupportKey = Annotated[VerifiedKey, Depends(require_role("support", "marketer"))]
+BrowserKey = Annotated[VerifiedKey, Depends(require_role("ingest", "web"))]
+"""What a storefront page may call with its `web` key (and ingest with its own)."""

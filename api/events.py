@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from api.boundary import resource_router
 from api.bulk import BulkResult, PartlyRejected, read_batch
-from api.deps import IngestKey
+from api.deps import BrowserKey, IngestKey
 from core.events import EventIn, EventRecord
 from store.event_writers import BulkWriter, EventWriter
 
@@ -26,9 +26,10 @@ class EventAccepted(BaseModel):
     responses={200: {"model": EventAccepted, "description": "a repeat of a stored event_id"}},
 )
 async def post_event(
-    event: EventIn, request: Request, _: IngestKey, response: Response
+    event: EventIn, request: Request, _: BrowserKey, response: Response
 ) -> EventAccepted:
-    """Store one event; a repeated `event_id` answers 200 `{"duplicate": true}`."""
+    """Store one event; a repeated `event_id` answers 200 `{"duplicate": true}`. Roles
+    ingest and web (a storefront page posts its visitor's events)."""
     writer: EventWriter = request.app.state.event_writer
     inserted = await writer.write(event)
     if not inserted:

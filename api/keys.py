@@ -14,7 +14,7 @@ from store.keys import create_key, list_keys, revoke_key
 
 router = resource_router(prefix="/v1/keys", tags=["keys"])
 
-Role = Literal["admin", "marketer", "ingest", "support"]
+Role = Literal["admin", "marketer", "ingest", "support", "web"]
 
 
 class KeyCreate(BaseModel):

@@ -93,9 +93,10 @@ def list_customer_journeys(
 )
 async def run_history(
     workflow_id: WorkflowId,
+    # The key before Temporal: a caller without the role must not set off a connection.
+    _: SupportKey,
     client: TemporalDep,
     settings: SettingsDep,
-    _: SupportKey,
     run_id: Annotated[str | None, Query(max_length=64)] = None,
 ) -> RunHistory:
     """The workflow's event history as the SDK's `fetch_history` gives it (the latest
@@ -122,9 +123,9 @@ async def run_history(
 )
 async def run_state(
     workflow_id: WorkflowId,
+    _: SupportKey,
     client: TemporalDep,
     settings: SettingsDep,
-    _: SupportKey,
 ) -> RunState:
     """The running workflow's own answer to its `state` query: step, since when, what it
     waits for and until when, events received. 409 `run_closed` once the run has ended."""

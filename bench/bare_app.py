@@ -6,6 +6,9 @@
 - `POST /event`: one event validated by a small pydantic model, then one
   `INSERT ... ON CONFLICT (event_id) DO NOTHING` (201, or 200 for a repeat): async on a
   fixed set of psycopg connections (PostgreSQL), in a server thread (SQLite).
+- `GET /row?customer_id=`: one customer row (email, phone, attributes) by primary key, as
+  JSON, or 404: async on the fixed psycopg connections (PostgreSQL), in a server thread on
+  a connection of its own (SQLite). The ceiling of bench/personalize.py's decisions.
 - `GET /healthz`.
 
 `bench_events` has the columns and indexes of the product's `events` table (ingest.py
@@ -188,6 +191,22 @@ def create_app() -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    if pool is not None:
+
+        @app.get("/row")
+        async def row_postgres(customer_id: str) -> Response:
+            async with pool.connection() as conn:
+                cursor = await conn.execute(ROW_SQL.replace("?", "%s"), (customer_id,))
+                found = await cursor.fetchone()
+            return _row_answer(found)
+
+    else:
+
+        @app.get("/row")
+        def row_sqlite(customer_id: str) -> Response:
+            found = connections.get().execute(ROW_SQL, (customer_id,)).fetchone()
+            return _row_answer(found)
+
     @app.post("/bulk", response_model=BulkStored)
     async def bulk(request: Request, realtime: bool = True) -> BulkStored:
         body = await request.body()
@@ -232,6 +251,19 @@ def create_app() -> FastAPI:
             return _answer(payload, cursor.rowcount == 1, response)
 
     return app
+
+
+ROW_SQL = "SELECT id, email, phone, attributes FROM customers WHERE id = ?"
+
+
+def _row_answer(found: Any) -> Response:
+    if found is None:
+        return Response(b'{"found": false}', status_code=404, media_type="application/json")
+    attributes = found[3]
+    if isinstance(attributes, str):
+        attributes = orjson.loads(attributes)
+    body = {"id": found[0], "email": found[1], "phone": found[2], "attributes": attributes}
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _answer(payload: BareEvent, inserted: bool, response: Response) -> Stored:

@@ -29,7 +29,7 @@ from functools import lru_cache
 from html.parser import HTMLParser
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedError, nodes
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -104,19 +104,7 @@ def validate_template(source: str, *, path: str) -> None:
     """Raise TemplateProblem (naming the line) when `source` does not compile: a syntax
     error, an unknown filter or test (even one inside an `{% if %}`, which Jinja would
     only notice when a send reaches it), or an email without its required blocks."""
-    env = _env_for(path)
-    try:
-        parsed = env.parse(source)
-    except TemplateSyntaxError as exc:
-        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
-    for node in parsed.find_all((nodes.Filter, nodes.Test)):
-        is_filter = isinstance(node, nodes.Filter)
-        known = env.filters if is_filter else env.tests
-        if node.name not in known:
-            what = "filter" if is_filter else "test"
-            raise TemplateProblem(
-                f"line {node.lineno}: no {what} named {node.name!r}", line=node.lineno
-            )
+    parsed = _parsed(source, _env_for(path))
     if is_email_template(path):
         names = {block.name for block in parsed.find_all(nodes.Block)}
         missing = [name for name in REQUIRED_EMAIL_BLOCKS if name not in names]
@@ -131,6 +119,24 @@ def validate_template(source: str, *, path: str) -> None:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
 
 
+def _parsed(source: str, env: SandboxedEnvironment) -> nodes.Template:
+    """The template's syntax tree; TemplateProblem for a syntax error or an unknown filter
+    or test (even one inside an `{% if %}`, which Jinja would only notice when run)."""
+    try:
+        parsed = env.parse(source)
+    except TemplateSyntaxError as exc:
+        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
+    for node in parsed.find_all((nodes.Filter, nodes.Test)):
+        is_filter = isinstance(node, nodes.Filter)
+        known = env.filters if is_filter else env.tests
+        if node.name not in known:
+            what = "filter" if is_filter else "test"
+            raise TemplateProblem(
+                f"line {node.lineno}: no {what} named {node.name!r}", line=node.lineno
+            )
+    return parsed
+
+
 def customer_context(
     *, customer_id: str, email: str | None, phone: str | None, attributes: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -143,12 +149,43 @@ def customer_context(
     }
     customer.update({"id": customer_id, "email": email, "phone": phone})
     if "first_name" not in customer:
-        for key in ("firstName", "given_name", "name", "full_name"):
+        for key in _FIRST_NAME_SOURCES:
             value = customer.get(key)
             if isinstance(value, str) and value.strip():
                 customer["first_name"] = value.strip().split()[0]
                 break
     return {key: value for key, value in customer.items() if value not in (None, "")}
+
+
+_FIRST_NAME_SOURCES = ("firstName", "given_name", "name", "full_name")
+ABSENT: Any = object()
+"""What `customer_field` answers for a name the customer's context would not hold."""
+
+
+def customer_field(
+    name: str,
+    *,
+    customer_id: str,
+    email: str | None,
+    phone: str | None,
+    attributes: Mapping[str, Any],
+) -> Any:
+    """`customer_context(...)[name]` without building the context (ABSENT when it would
+    not hold `name`): what a slot remembered by its values is keyed on."""
+    if name == "id":
+        return customer_id
+    if name in ("email", "phone"):
+        value = email if name == "email" else phone
+        return ABSENT if value in (None, "") else value
+    value = attributes.get(name)
+    if value not in (None, ""):
+        return value
+    if name == "first_name":
+        for key in _FIRST_NAME_SOURCES:
+            source = attributes.get(key)
+            if isinstance(source, str) and source.strip():
+                return source.strip().split()[0]
+    return ABSENT
 
 
 def template_context(
@@ -359,6 +396,156 @@ def prove_template(
                 render_email(source, context, track_link=lambda url: url)
             else:
                 render_sms(source, context)
+        except TemplateProblem as exc:
+            raise TemplateProblem(
+                f"{exc.message} (rendering for {who})",
+                line=exc.line,
+                security=exc.security,
+                kind=exc.kind,
+            ) from exc
+
+
+# --- personalisation slots -------------------------------------------------------------
+# A slot (banner, top bar, ...) is an HTML fragment a storefront puts in its page: the
+# template's own markup stays, every value it prints is escaped (autoescape), so a
+# customer attribute holding `<script>` shows as text.
+
+SAMPLE_CAMPAIGN = "sample-campaign"
+SAMPLE_EXPERIENCE = "sample-experience"
+
+
+SLOT_MEMO_SIZE = 4_096
+
+
+@dataclass(frozen=True)
+class SlotTemplate:
+    """A compiled slot. `constant` holds its text when it reads nothing from its context,
+    so that it is rendered once rather than on every decision; `reads` names the
+    customer attributes it reads when nothing else of the customer reaches it, so that
+    its text is remembered by those values (a top bar greeting by first name renders
+    once per name, not once per page view)."""
+
+    source: str
+    template: Template
+    constant: str | None
+    reads: tuple[str, ...] | None = None
+    memo: dict[Any, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+_SLOT_NAMES = {"customer", "name", "campaign", "experience"}
+
+
+def _customer_reads(parsed: nodes.Template) -> tuple[str, ...] | None:
+    """The attributes a slot reads as `customer.x` or `customer["x"]` (and `name`, which
+    is the first name), or None when `customer` reaches it any other way (whole, through
+    a variable, by a computed key) and its text may depend on anything."""
+    if meta.find_undeclared_variables(parsed) - _SLOT_NAMES:
+        return None
+    reads: set[str] = set()
+    covered = 0
+    for node in parsed.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if not (isinstance(target, nodes.Name) and target.name == "customer"):
+            continue
+        if isinstance(node, nodes.Getattr):
+            reads.add(node.attr)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            reads.add(node.arg.value)
+        else:
+            return None
+        covered += 1
+    uses = sum(1 for n in parsed.find_all(nodes.Name) if n.name == "customer")
+    if uses != covered:
+        return None
+    if any(n.name == "name" for n in parsed.find_all(nodes.Name)):
+        reads.add("first_name")
+    return tuple(sorted(reads))
+
+
+def slot_context(customer: Mapping[str, Any], *, campaign: str, experience: str) -> dict[str, Any]:
+    """Every name a slot may use: `customer`, `name`, `campaign`, `experience`."""
+    return {
+        "customer": dict(customer),
+        "name": customer.get("first_name") or "there",
+        "campaign": campaign,
+        "experience": experience,
+    }
+
+
+def compile_slot(source: str) -> SlotTemplate:
+    """The compiled slot; TemplateProblem (naming the line) when it does not compile."""
+    parsed = _parsed(source, _html_env)
+    try:
+        template = _compiled(source, True)
+    except TemplateSyntaxError as exc:
+        raise TemplateProblem(f"line {exc.lineno}: {exc.message}", line=exc.lineno) from exc
+    constant = None
+    if not meta.find_undeclared_variables(parsed):
+        constant = _run(lambda: str(template.render()).strip())
+    return SlotTemplate(
+        source=source, template=template, constant=constant, reads=_customer_reads(parsed)
+    )
+
+
+def render_slot(slot: SlotTemplate, context: dict[str, Any]) -> str:
+    """The slot's text for this context (surrounding whitespace removed)."""
+    customer = context["customer"]
+    return render_slot_lazily(
+        slot,
+        experience=context.get("experience"),
+        field=lambda name: customer.get(name, ABSENT),
+        context=lambda: context,
+    )
+
+
+def render_slot_lazily(
+    slot: SlotTemplate,
+    *,
+    experience: str | None,
+    field: Callable[[str], Any],
+    context: Callable[[], dict[str, Any]],
+) -> str:
+    """`render_slot`, asking for the context only when the slot must really be rendered:
+    a constant slot, or one remembered for these values (`field(name)`, as
+    `customer_field` gives them), needs none."""
+    if slot.constant is not None:
+        return slot.constant
+    if slot.reads is None:
+        return _run(lambda: str(slot.template.render(context())).strip())
+    key = (experience, *(field(name) for name in slot.reads))
+    try:
+        return slot.memo[key]
+    except KeyError:
+        pass
+    except TypeError:  # a value that cannot be a key (a list, an object): render it
+        return _run(lambda: str(slot.template.render(context())).strip())
+    text = _run(lambda: str(slot.template.render(context())).strip())
+    if len(slot.memo) >= SLOT_MEMO_SIZE:
+        slot.memo.clear()
+    slot.memo[key] = text
+    return text
+
+
+def prove_slot(source: str, *, known_attributes: Mapping[str, Any] | None = None) -> None:
+    """Raise TemplateProblem (naming the line) unless the slot compiles and renders, in
+    the decision's sandbox and context, for a customer with no attributes (every
+    attribute read must be guarded by `| default(...)` or `is defined`) and for one with
+    `known_attributes` (as `prove_template` does for messages)."""
+    slot = compile_slot(source)
+    bare = customer_context(customer_id=SAMPLE_CUSTOMER_ID, email=None, phone=None, attributes={})
+    full = customer_context(
+        customer_id=SAMPLE_CUSTOMER_ID,
+        email=SAMPLE_EMAIL,
+        phone=SAMPLE_PHONE,
+        attributes=known_attributes or {},
+    )
+    for customer, who in (
+        (bare, "a customer without attributes"),
+        (full, "a customer with every known attribute"),
+    ):
+        context = slot_context(customer, campaign=SAMPLE_CAMPAIGN, experience=SAMPLE_EXPERIENCE)
+        try:
+            render_slot(slot, context)
         except TemplateProblem as exc:
             raise TemplateProblem(
                 f"{exc.message} (rendering for {who})",

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024 * 1024
     max_single_body_bytes: int = 1024 * 1024
     max_bulk_lines: int = 100_000
+    # Origins (scheme://host[:port], comma-separated, or *) whose pages may call the
+    # browser routes (decide, views, single events); a campaign may add its own.
+    cors_origins: str = ""
 
     # Worker tuning: pollers were the measured gain on the dev server (docs/architecture.md).
     worker_workflow_pollers: int = 50
@@ -78,6 +81,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'journeys.db').as_posix()}"
+
+    @property
+    def cors_origin_list(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
     @property
     def email_enabled(self) -> bool:

@@ -485,3 +485,52 @@ class Failure(SQLModel, table=True):
     first_failed_at: datetime = _now_ts()
     last_failed_at: datetime = _now_ts()
     next_attempt_at: datetime = _now_ts()
+
+
+# --- personalisation ----------------------------------------------------------------------
+
+
+class Personalization(SQLModel, table=True):
+    """A campaign; its definitions are versions, `active_version` the one decisions use."""
+
+    __tablename__ = "personalizations"
+
+    slug: str = Field(sa_column=Column(String(200), primary_key=True))
+    name: str = Field(sa_column=Column(String(255), nullable=False))
+    state: str = Field(default="draft", sa_column=Column(String(20), nullable=False))
+    latest_version: int = Field(default=1, sa_column=Column(Integer, nullable=False))
+    active_version: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    created_at: datetime = _now_ts()
+    updated_at: datetime = _now_ts()
+
+
+class PersonalizationVersion(SQLModel, table=True):
+    __tablename__ = "personalization_versions"
+
+    campaign_slug: str = Field(sa_column=Column(String(200), primary_key=True))
+    version: int = Field(sa_column=Column(Integer, primary_key=True))
+    definition: dict[str, Any] = _json()
+    created_at: datetime = _now_ts()
+    activated_at: datetime | None = _ts(nullable=True)
+
+
+class PersonalizationView(SQLModel, table=True):
+    """What a customer was shown by one campaign version: one row per experience seen
+    (or `control` / `default`), with its first and last view and how many views.
+
+    `audience` is the experience the customer matched when first shown this row: for
+    `control` the one they would have seen, so analytics compare control and treatment
+    within an audience without evaluating anyone again.
+    """
+
+    __tablename__ = "personalization_views"
+
+    campaign_slug: str = Field(sa_column=Column(String(200), primary_key=True))
+    version: int = Field(sa_column=Column(Integer, primary_key=True))
+    customer_id: str = Field(sa_column=Column(IdString, primary_key=True))
+    experience: str = Field(sa_column=Column(String(255), primary_key=True))
+    audience: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    bucket: int = Field(sa_column=Column(Integer, nullable=False))
+    first_viewed_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    last_viewed_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    views: int = Field(default=1, sa_column=Column(BigInteger, nullable=False))

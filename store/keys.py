@@ -15,7 +15,9 @@ from sqlmodel import Session, select
 from core.errors import NotFound
 from core.tables import ApiKey, utcnow
 
-ROLES = ("admin", "marketer", "ingest", "support")
+ROLES = ("admin", "marketer", "ingest", "support", "web")
+"""`web` keys live in storefront pages: they may ask for personalisation decisions,
+report views and post single events, nothing else."""
 
 
 @dataclass(frozen=True)

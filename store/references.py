@@ -10,7 +10,10 @@ A reference is held by something still in service:
   segment or template). In those versions: the trigger, a branch step's conditions and
   an email or SMS step's template. Superseded versions and archived journeys start no
   new run; their runs in flight that reach a step whose template has gone record the
-  send as failed and go on.
+  send as failed and go on;
+- a personalisation campaign that is not archived, through its active version and its
+  latest version when that is a draft: each experience's segment and the segments its
+  condition names.
 
 The store refuses a change that would leave a reference dangling with Conflict `in_use`,
 one error per reference (`refuse_if_used`), before it writes anything. The rows being
@@ -33,10 +36,11 @@ from core.conditions import CONDITION_ADAPTER, referenced_segments
 from core.db import take_sqlite_write_lock
 from core.errors import Conflict, ErrorDetail
 from core.journeys import BranchStep, EmailStep, JourneyDefinition, SmsStep
+from core.personalization import PersonalizationDefinition, segments_named
 from core.tables import JSONType
 
 Store = Session | Connection
-UserKind = Literal["segment", "rfm_model", "journey"]
+UserKind = Literal["segment", "rfm_model", "journey", "personalization"]
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,9 @@ class Reference:
 
     def user_text(self) -> str:
         """`journey champions-nurture (active, v2) trigger`, `segment vip condition.all[0]`."""
-        if self.user_kind == "journey":
-            return (
-                f"journey {self.user} ({self.journey_state}, v{self.journey_version}) {self.path}"
-            )
+        if self.user_kind in ("journey", "personalization"):
+            kind = "journey" if self.user_kind == "journey" else "personalization campaign"
+            return f"{kind} {self.user} ({self.journey_state}, v{self.journey_version}) {self.path}"
         kind = "segment" if self.user_kind == "segment" else "RFM model"
         return f"{kind} {self.user} {self.path}"
 
@@ -126,6 +129,7 @@ def segment_users(
     found = _segment_conditions(conn, wanted)
     found += [r for r in _model_targeting(conn, wanted) if r.user != except_model]
     found += [r for r in _journey_references(conn) if r.target_kind == "segment"]
+    found += _campaign_references(conn)
     return [r for r in found if r.target in wanted]
 
 
@@ -201,6 +205,40 @@ def _journey_references(conn: Connection) -> list[Reference]:
                         Reference("segment", slug, path=path, **user)
                         for path, slug in referenced_segments(case.condition, at)
                     ]
+    return found
+
+
+# --- personalisation campaigns --------------------------------------------------------
+
+
+def _campaign_references(conn: Connection) -> list[Reference]:
+    """Segments named by the active version and the latest draft of every campaign not
+    archived (`experiences[0].segment`, `experiences[1].condition.all[0].segment`)."""
+    rows = conn.execute(
+        text(
+            "SELECT p.slug, p.state, p.active_version, v.version, v.definition"
+            " FROM personalizations p JOIN personalization_versions v"
+            " ON v.campaign_slug = p.slug"
+            " AND (v.version = p.active_version OR v.version = p.latest_version)"
+            " WHERE p.state <> 'archived' ORDER BY p.slug, v.version"
+        ).columns(definition=JSONType)
+    )
+    found: list[Reference] = []
+    for slug, state, active, version, raw in rows:
+        definition = PersonalizationDefinition.model_validate(raw)
+        standing = state if version == active else "draft"
+        found += [
+            Reference(
+                "segment",
+                segment,
+                "personalization",
+                slug,
+                path,
+                journey_state=standing,
+                journey_version=version,
+            )
+            for path, segment in segments_named(definition)
+        ]
     return found
 
 

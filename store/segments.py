@@ -117,6 +117,24 @@ def compile_condition_set_based(
     return CompiledCondition(sql=sql, params=compiler.params, joins=" ".join(compiler.joins))
 
 
+def compile_property_filters(
+    filters: Sequence[PropertyFilter],
+    *,
+    dialect: str,
+    now: datetime,
+    event_alias: str = "e",
+    param_prefix: str | None = None,
+) -> CompiledCondition:
+    """The `where` filters of an event condition as one boolean expression over the
+    properties of events aliased `event_alias` (TRUE without filters), with the segment
+    language's semantics on both databases."""
+    compiler = _Compiler(dialect, now, param_prefix, set_based=False)
+    parts = [compiler.property_leaf(item, event_alias) for item in filters]
+    return CompiledCondition(
+        sql=f"({' AND '.join(parts)})" if parts else "1 = 1", params=compiler.params
+    )
+
+
 class _Compiler:
     def __init__(self, dialect: str, now: datetime, prefix: str | None, *, set_based: bool):
         if dialect not in ("sqlite", "postgresql"):

@@ -23,8 +23,8 @@ from store.references import lock_for_removal, refuse_if_used, share_lock_clause
 
 SHIPPED_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_SUFFIXES = (".html", ".txt")
-# Journey definitions shipped beside the templates are not message templates.
-NOT_TEMPLATE_FOLDERS = ("journeys/",)
+# Journey and campaign definitions shipped beside the templates are not message templates.
+NOT_TEMPLATE_FOLDERS = ("journeys/", "personalizations/")
 
 _PATH_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 

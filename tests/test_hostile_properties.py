@@ -1,5 +1,5 @@
-"""Property tests: hostile JSON into events, bulk, customers, segments, journeys and RFM
-models, on both databases. Whatever arrives: no 5xx, a 4xx is in the error shape and
+"""Property tests: hostile JSON into events, bulk, customers, segments, journeys, RFM
+models and personalisation campaigns, on both databases. Whatever arrives: no 5xx, a 4xx is in the error shape and
 stores nothing, a bulk request keeps exactly its valid lines, and afterwards a healthy
 customer's purchase still reaches its segment."""
 
@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from tests.utils.api import ApiHarness, api_harness, assert_error_shape
 from tests.utils.hostile import (
+    CAMPAIGN,
     CONDITION,
     CUSTOMER,
     JOURNEY,
@@ -28,7 +29,15 @@ from tests.utils.hostile import (
 from tests.utils.segments import create_rule_segment, drain_realtime, segment_members
 
 EXAMPLES = 60
-TABLES = ("events", "customers", "segments", "rfm_models", "journeys", "templates")
+TABLES = (
+    "events",
+    "customers",
+    "segments",
+    "rfm_models",
+    "journeys",
+    "templates",
+    "personalizations",
+)
 PROPERTY_SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -84,6 +93,8 @@ def _check(api: ApiHarness, response: Any, before: dict[str, int], what: Any) ->
         ("POST", "/v1/rfm-models", MODEL, "marketer"),
         ("POST", "/v1/journeys", JOURNEY, "marketer"),
         ("POST", "/v1/journeys/validate", JOURNEY, "marketer"),
+        ("POST", "/v1/personalizations", CAMPAIGN, "marketer"),
+        ("POST", "/v1/personalizations/validate", CAMPAIGN, "marketer"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -108,6 +119,11 @@ def _forget_created(api: ApiHarness) -> None:
     with api.engine.begin() as conn:
         conn.execute(text("DELETE FROM journey_versions WHERE journey_slug = 'hostile-journey'"))
         conn.execute(text("DELETE FROM journeys WHERE slug = 'hostile-journey'"))
+        for table, column in (
+            ("personalization_versions", "campaign_slug"),
+            ("personalizations", "slug"),
+        ):
+            conn.execute(text(f"DELETE FROM {table} WHERE {column} = 'hostile-campaign'"))
 
 
 def test_a_hostile_bulk_line_is_rejected_alone(api: ApiHarness) -> None:

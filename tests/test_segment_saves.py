@@ -312,3 +312,18 @@ def test_transitions_follow_with_cursor_as_every_list_does(
         assert rest == by_since
         page = api.get("/v1/segments?limit=1", "support").json()
         assert [s["slug"] for s in page["data"]] == ["ext"] and page["next_cursor"] is None
+
+
+def test_the_evaluated_version_migration_reverses(store_engine: Engine) -> None:
+    from sqlalchemy import inspect
+
+    from tests.test_store_smoke import _migrate
+
+    def columns() -> set[str]:
+        return {c["name"] for c in inspect(store_engine).get_columns("segments")}
+
+    assert "evaluated_version" in columns()
+    _migrate(store_engine, "0007")
+    assert "evaluated_version" not in columns()
+    _migrate(store_engine, "head")
+    assert "evaluated_version" in columns()

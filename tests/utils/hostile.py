@@ -76,6 +76,23 @@ JOURNEY = {
         "done": {"type": "exit"},
     },
 }
+CAMPAIGN = {
+    "slug": "hostile-campaign",
+    "name": "Hostile",
+    "control_share": 0.1,
+    "conversion": {
+        "event": "Purchase",
+        "where": [{"property": "total_price", "op": "gte", "value": 10}],
+        "value_property": "total_price",
+        "within": "P7D",
+    },
+    "default": {"banner": "Hi {{ customer.first_name | default('there') }}", "offer": ""},
+    "experiences": [
+        {"name": "Buyers", "segment": "buyers", "content": {"offer": "10% off"}},
+        {"name": "Rest", "condition": CONDITION, "content": {"banner": "Welcome"}},
+    ],
+    "cors_origins": ["https://shop.example.com"],
+}
 CUSTOMER = {"email": "ada@example.com", "attributes": {"plan": "pro", "address": {"city": "Oslo"}}}
 
 
