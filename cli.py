@@ -20,7 +20,17 @@ from rich.table import Table
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-console = Console()
+
+def _console(*, stderr: bool = False) -> Console:
+    # Piped or captured output is read whole: rich would otherwise wrap tables at 80
+    # columns and cut ids and timestamps in two.
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(stderr=stderr, width=width)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 # Exit codes (README, "The `journeys` command"): 2 is Typer's and ours for usage errors.
 EXIT_FAILED = 1  # the command ran and failed: an unknown slug, rejected lines, invalid input
@@ -54,6 +64,27 @@ keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help
 events_app = typer.Typer(help="Import events from a file.", no_args_is_help=True)
 customers_app = typer.Typer(help="Import customers from a file.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+
+# These start a stack of their own (or part of one) from the environment as given.
+STACK_COMMANDS = {"dev", "api", "worker"}
+
+
+@app.callback()
+def use_running_dev_stack(ctx: typer.Context) -> None:
+    """Commands run from another shell or folder act on the running `journeys dev` stack."""
+    from stackrecord import adopt_running_stack
+
+    if ctx.invoked_subcommand in STACK_COMMANDS:
+        return
+    stack = adopt_running_stack(os.environ)
+    if stack is not None:
+        err_console.print(
+            f"[dim]using the running dev stack: data in {stack.data_dir}, API {stack.api_url}"
+            " (set JOURNEYS_DATA_DIR or JOURNEYS_DATABASE_URL to choose another store)[/dim]",
+            highlight=False,
+        )
+
+
 app.add_typer(events_app, name="events")
 app.add_typer(customers_app, name="customers")
 
@@ -237,13 +268,16 @@ def dev(
     port: Annotated[int, typer.Option(help="API port.")] = 8000,
     temporal_port: Annotated[int, typer.Option(help="Temporal gRPC port.")] = 7233,
     ui_port: Annotated[
-        int | None, typer.Option(help="Temporal UI port (default: the next port).")
+        int | None,
+        typer.Option(help="Temporal UI port (default: the Temporal port + 1000, so 8233)."),
     ] = None,
 ) -> None:
     """Run everything on the embedded default: Temporal dev server, one worker, the API."""
     from devstack import DevStack, PortBusy
+    from stackrecord import StackRecord, remove_record, write_record
 
-    stack = DevStack(data_dir, port, temporal_port, ui_port or temporal_port + 1)
+    # The Temporal CLI's own rule (7233 -> 8233), so its default UI address is ours too.
+    stack = DevStack(data_dir, port, temporal_port, ui_port or temporal_port + 1000)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -253,8 +287,20 @@ def dev(
 
     signal.signal(signal.SIGTERM, on_signal)
     code = 0
+    recorded: Path | None = None
     try:
         stack.start()
+        env = stack.environment("")
+        recorded = write_record(
+            StackRecord(
+                pid=os.getpid(),
+                data_dir=str(data_dir.resolve()),
+                database_url=env["JOURNEYS_DATABASE_URL"],
+                temporal_address=env["JOURNEYS_TEMPORAL_ADDRESS"],
+                temporal_ui_url=env["JOURNEYS_TEMPORAL_UI_URL"],
+                api_url=env["JOURNEYS_PUBLIC_URL"],
+            )
+        )
         console.print(
             f"ready api={stack.api_url} ui={stack.ui_url}", highlight=False, soft_wrap=True
         )
@@ -274,6 +320,8 @@ def dev(
         console.print(f"[red]error:[/red] {exc}")
         code = EXIT_FAILED
     finally:
+        if recorded is not None:  # never another stack's record (a busy port, say)
+            remove_record(data_dir)
         stack.stop()
     finish(code)
 
@@ -474,6 +522,10 @@ def score(
         share = item["count"] / result.scored if result.scored else 0.0
         table.add_row(label, f"{item['count']:,}", f"{share:.1%}", f"{item['monetary']:,.2f}")
     console.print(table)
+    grid = Table("", *(f"F{f}" for f in range(1, 6)), title="customers by R (rows) and F")
+    for r in (5, 4, 3, 2, 1):
+        grid.add_row(f"R{r}", *(f"{count:,}" for count in totals["grid"][r - 1]))
+    console.print(grid)
     console.print(
         f"pass {result.pass_id} as of {result.as_of.isoformat()}: {result.scored:,} scored,"
         f" {result.entries:,} entries, {result.exits:,} exits in {result.duration_ms:,} ms"

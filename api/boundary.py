@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.routing import APIRoute
 from pydantic_core import from_json
 
-from core.bounds import MAX_QUERY_LENGTH, JsonProblem, check_json, text_problem
+from core.bounds import MAX_PAGE_SIZE, MAX_QUERY_LENGTH, JsonProblem, check_json, text_problem
 from core.errors import ErrorDetail, JourneysError, ValidationFailed
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+NDJSON = "application/x-ndjson"
+
+
+def wants_ndjson(request: Request) -> bool:
+    """Whether the client asked for every row as NDJSON rather than a page of JSON."""
+    return NDJSON in request.headers.get("accept", "")
+
+
+PageLimit = Annotated[
+    int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"rows per page, 1 to {MAX_PAGE_SIZE:,}")
+]
 
 
 class MalformedJson(JourneysError):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field
 from api.boundary import resource_router
 from api.bulk import BulkResult, PartlyRejected, read_batch
 from api.deps import EngineDep, IngestKey, require_role
+from api.runs import RunPublic
 from core.bounds import DataObject
 from core.errors import NotFound
 from core.events import CustomerBulkLine, CustomerIn
@@ -25,7 +26,7 @@ from store.customers import (
 )
 from store.keys import VerifiedKey
 from store.rfm_models import CustomerScore, customer_scores
-from store.runs import RunSummary, customer_runs
+from store.runs import customer_runs
 
 router = resource_router(prefix="/v1/customers", tags=["customers"])
 
@@ -66,7 +67,7 @@ class CustomerPublic(BaseModel):
 class CustomerDetail(CustomerPublic):
     scores: list[CustomerScore] = Field(default_factory=list)
     segments: list[SegmentMembershipPublic] = Field(default_factory=list)
-    journeys: list[RunSummary] = Field(default_factory=list)
+    journeys: list[RunPublic] = Field(default_factory=list)
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def get(customer_id: CustomerId, engine: EngineDep, _: ReaderKey) -> CustomerDet
         segments = customer_segments(conn, customer_id=customer_id)
         scores = customer_scores(conn, customer_id=customer_id)
         journeys = [
-            RunSummary.model_validate(run.model_dump(exclude={"timeline"}))
+            RunPublic.model_validate(run.model_dump(exclude={"timeline"}))
             for run in customer_runs(conn, customer_id=customer_id)
         ]
     return CustomerDetail(**_public(row), segments=segments, scores=scores, journeys=journeys)

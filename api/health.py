@@ -10,7 +10,7 @@ from fastapi import Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
-from api.boundary import resource_router
+from api.boundary import PageLimit, resource_router
 from api.deps import SessionDep, require_role
 from core.cursors import decode_numeric_cursor, encode_cursor
 from store import failures as failure_store
@@ -96,7 +96,7 @@ def list_failures(
     session: SessionDep,
     _: FailureReader,
     kind: FailureKindQuery = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
 ) -> FailuresPage:
     """Every customer, segment, model, journey or transition that real-time processing, a

@@ -7,12 +7,18 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Body, Query, Request
+from fastapi import Body, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.boundary import CONFLICT, JOURNEY_DEFINITION_MARK, NEEDS_TEMPORAL, resource_router
+from api.boundary import (
+    CONFLICT,
+    JOURNEY_DEFINITION_MARK,
+    NEEDS_TEMPORAL,
+    PageLimit,
+    resource_router,
+)
 from api.deps import MarketerKey, SessionDep, TemporalUnavailable
 from store.journeys import (
     SHIPPED_JOURNEYS_DIR,
@@ -143,7 +149,7 @@ def post_validate(body: DefinitionBody, session: SessionDep, _: MarketerKey) -> 
 def get_journeys(
     session: SessionDep,
     _: MarketerKey,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
     state: Literal["draft", "active", "paused", "archived"] | None = None,
 ) -> JourneysPublic:

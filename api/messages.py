@@ -4,15 +4,19 @@ a sample customer."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Path, Query, Response
+from fastapi import Path, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from api.boundary import CONFLICT, resource_router
-from api.deps import MarketerKey, SessionDep, SettingsDep, SupportKey
+from api.boundary import CONFLICT, NDJSON, PageLimit, resource_router, wants_ndjson
+from api.deps import EngineDep, MarketerKey, SessionDep, SettingsDep, SupportKey
+from core.bounds import MAX_PAGE_SIZE
 from core.cursors import MAX_POSITION
 from core.errors import Conflict, ErrorDetail, NotFound, ValidationFailed
 from core.rendering import (
@@ -66,16 +70,27 @@ class OutboxPage(BaseModel):
     )
 
 
-@outbox_router.get("", response_model=OutboxPage, summary="Messages captured without a provider")
+@outbox_router.get(
+    "",
+    response_model=OutboxPage,
+    summary="Messages captured without a provider",
+    responses={
+        200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/OutboxMessage"}}}}
+    },
+)
 def list_outbox(
+    request: Request,
     session: SessionDep,
+    engine: EngineDep,
     _: SupportKey,
     customer_id: str | None = None,
     journey: str | None = None,
     channel: Literal["email", "sms"] | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
-) -> OutboxPage:
+) -> OutboxPage | StreamingResponse:
+    """Oldest first, a page at a time; with `Accept: application/x-ndjson`, every message
+    that matches the filters, one JSON object a line."""
     after_id: int | None = None
     if cursor:
         if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > MAX_POSITION:
@@ -83,39 +98,59 @@ def list_outbox(
                 [ErrorDetail("invalid", "cursor is not one we gave out", "cursor")]
             )
         after_id = int(cursor)
+    where = OutboxFilter(customer_id=customer_id, journey=journey, channel=channel)
+    if wants_ndjson(request):
+        return StreamingResponse(_stream_outbox(engine, where, after_id), media_type=NDJSON)
     rows = message_store.list_outbox(
-        session,
-        customer_id=customer_id,
-        journey=journey,
-        channel=channel,
-        after_id=after_id,
-        limit=limit + 1,
+        session, **where.model_dump(), after_id=after_id, limit=limit + 1
     )
     page = rows[:limit]
     return OutboxPage(
-        data=[
-            OutboxMessage(
-                id=row.id,
-                channel=row.channel,
-                to=row.to,
-                subject=row.subject,
-                body=row.body,
-                text_body=row.text_body,
-                headers=row.headers,
-                step=row.step,
-                journey=row.journey_slug,
-                version=row.version,
-                customer_id=row.customer_id,
-                template=row.template,
-                idempotency_key=row.idempotency_key,
-                links=row.links,
-                status=row.status,
-                created_at=row.created_at,
-            )
-            for row in page
-        ],
+        data=[_outbox_message(row) for row in page],
         next_cursor=str(page[-1].id) if len(rows) > limit else None,
     )
+
+
+class OutboxFilter(BaseModel):
+    customer_id: str | None
+    journey: str | None
+    channel: str | None
+
+
+def _outbox_message(row: message_store.MessageRecord) -> OutboxMessage:
+    return OutboxMessage(
+        id=row.id,
+        channel=row.channel,
+        to=row.to,
+        subject=row.subject,
+        body=row.body,
+        text_body=row.text_body,
+        headers=row.headers,
+        step=row.step,
+        journey=row.journey_slug,
+        version=row.version,
+        customer_id=row.customer_id,
+        template=row.template,
+        idempotency_key=row.idempotency_key,
+        links=row.links,
+        status=row.status,
+        created_at=row.created_at,
+    )
+
+
+def _stream_outbox(engine: Engine, where: OutboxFilter, after_id: int | None) -> Iterator[bytes]:
+    # Its own session, page by page: the request's session is closed before the body is
+    # streamed, and a whole outbox need not sit in memory.
+    with Session(engine) as session:
+        while True:
+            rows = message_store.list_outbox(
+                session, **where.model_dump(), after_id=after_id, limit=MAX_PAGE_SIZE
+            )
+            for row in rows:
+                yield _outbox_message(row).model_dump_json().encode() + b"\n"
+            if len(rows) < MAX_PAGE_SIZE:
+                return
+            after_id = rows[-1].id
 
 
 # --- templates --------------------------------------------------------------------------

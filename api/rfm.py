@@ -15,13 +15,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import orjson
-from fastapi import Header, Query, Request
+from fastapi import Header, Request
 from fastapi.concurrency import contextmanager_in_threadpool, run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 from sqlalchemy.engine import Connection, Engine
 
-from api.boundary import CONFLICT, NEEDS_TEMPORAL, resource_router
+from api.boundary import CONFLICT, NDJSON, NEEDS_TEMPORAL, PageLimit, resource_router
 from api.deps import EngineDep, MarketerKey, TemporalUnavailable
 from api.schedules import start_rfm_pass, sync_rfm_schedule
 from core.bounds import Instant
@@ -35,7 +35,6 @@ from store.rfm_models import StoredModel
 
 router = resource_router(prefix="/v1/rfm-models", tags=["rfm"])
 
-NDJSON = "application/x-ndjson"
 EXPORT_PAGE = 10_000
 
 
@@ -90,6 +89,11 @@ class LabelSummary(BaseModel):
 class GridRow(BaseModel):
     r: int
     counts: list[int] = Field(description="customers with this R and F = 1..5")
+
+    @computed_field(description='the same counts keyed by F score: {"F1": n, ..., "F5": n}')
+    @property
+    def by_f(self) -> dict[str, int]:
+        return {f"F{f}": count for f, count in enumerate(self.counts, start=1)}
 
 
 class SummaryPublic(BaseModel):
@@ -150,7 +154,7 @@ async def create(
 def list_(
     engine: EngineDep,
     _: MarketerKey,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
 ) -> RfmModelsPublic:
     with engine.connect() as conn:
@@ -246,7 +250,7 @@ def scores(
     slug: str,
     engine: EngineDep,
     _: MarketerKey,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
     accept: Annotated[str, Header()] = "application/json",
 ) -> ScoresPublic | StreamingResponse:

@@ -10,17 +10,18 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 from temporalio.client import WorkflowExecutionStatus, WorkflowQueryRejectedError
 from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.boundary import resource_router
+from api.boundary import PageLimit, resource_router
 from api.deps import SessionDep, SettingsDep, SupportKey, TemporalDep, TemporalUnavailable
 from core.errors import JourneysError, NotFound
 from core.runs import JourneyRunState
-from store.analytics import RunsPage, journey_exists, runs_by_step
+from store.analytics import journey_exists, runs_by_step
 from store.inspection import InspectedRun, customer_exists, customer_journeys, temporal_ui_url
+from store.runs import RunSummary
 
 router = resource_router(tags=["runs"])
 
@@ -173,6 +174,24 @@ def _temporal_error(exc: RPCError, workflow_id: str) -> JourneysError:
     return TemporalUnavailable(f"Temporal did not answer: {exc.message}")
 
 
+class RunPublic(RunSummary):
+    """A run as the API shows it; `journey` names the journey as every other response does."""
+
+    journey_slug: str = Field(
+        deprecated=True, description="the same as `journey`; kept for older clients"
+    )
+
+    @computed_field
+    @property
+    def journey(self) -> str:
+        return self.journey_slug
+
+
+class RunsPage(BaseModel):
+    data: list[RunPublic]
+    next_cursor: str | None
+
+
 @router.get(
     "/v1/journeys/{slug}/runs",
     response_model=RunsPage,
@@ -184,13 +203,17 @@ def list_journey_runs(
     _: SupportKey,
     step: Annotated[str | None, Query(max_length=200)] = None,
     status: RunStatusFilter | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: PageLimit = 100,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> RunsPage:
     """The journey's runs, oldest first, optionally those on `step` and of `status`."""
     conn = session.connection()
     if not journey_exists(conn, journey_slug=slug):
         raise NotFound(f"no journey {slug!r}", field="slug")
-    return runs_by_step(
+    page = runs_by_step(
         conn, journey_slug=slug, step=step, status=status, limit=limit, cursor=cursor
+    )
+    return RunsPage(
+        data=[RunPublic.model_validate(run.model_dump()) for run in page.data],
+        next_cursor=page.next_cursor,
     )

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
-from api.boundary import CONFLICT, NEEDS_TEMPORAL, resource_router
+from api.boundary import CONFLICT, NDJSON, NEEDS_TEMPORAL, PageLimit, resource_router, wants_ndjson
 from api.deps import EngineDep, IngestKey, MarketerKey, SessionDep, SupportKey, TemporalUnavailable
 from api.schedules import (
     delete_segment_schedule,
@@ -45,7 +45,6 @@ from store.transitions import MembershipDiff, record_transitions
 
 router = resource_router(prefix="/v1/segments", tags=["segments"])
 
-NDJSON = "application/x-ndjson"
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_.:\-]{0,199}$"
 MAX_CUSTOMER_IDS = 10_000
 
@@ -320,10 +319,6 @@ def _conn(session: SessionDep) -> Connection:
     return session.connection()
 
 
-def _wants_ndjson(request: Request) -> bool:
-    return NDJSON in request.headers.get("accept", "")
-
-
 def _create_customers(conn: Connection, ids: list[str]) -> int:
     """Create the customers not known yet (as the events API does); how many were new."""
     known = set(
@@ -393,7 +388,7 @@ async def create_segment(
 def list_segments(
     session: SessionDep,
     _: SupportKey,
-    limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
 ) -> SegmentsPublic:
     """Segments by slug with their state and member counts, `limit` at a time."""
@@ -543,13 +538,13 @@ def list_members(
     session: SessionDep,
     engine: EngineDep,
     _: SupportKey,
-    limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
 ) -> Any:
     """Pages by customer id; with `Accept: application/x-ndjson` streams every member."""
     conn = _conn(session)
     segment_store.get_segment(conn, slug=slug)
-    if _wants_ndjson(request):
+    if wants_ndjson(request):
         return StreamingResponse(_stream_members(engine, slug), media_type=NDJSON)
     after = decode_cursor(cursor) if cursor else None
     rows = segment_store.list_members(conn, slug=slug, limit=limit + 1, after=after)
@@ -586,7 +581,7 @@ def list_transitions(
             description="a transition id (those after it) or an ISO 8601 time (those at or after it)"
         ),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=1_000)] = 100,
+    limit: PageLimit = 100,
     cursor: Annotated[
         str | None,
         Query(description="the `next_cursor` of the last page, as every list takes it"),

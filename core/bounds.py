@@ -41,6 +41,8 @@ MAX_INSTANT = datetime(2200, 1, 1, tzinfo=UTC)
 MAX_VERSION = 2**31 - 1
 """A version number (a 32-bit column on PostgreSQL)."""
 MAX_QUERY_LENGTH = 2_048
+# One page size for every list route, so a client pages everything the same way.
+MAX_PAGE_SIZE = 1_000
 """One query or path parameter, in characters."""
 
 

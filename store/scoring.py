@@ -903,7 +903,8 @@ def summarize(conn: Connection, *, model_slug: str) -> dict[str, Any]:
         grid[r - 1][f - 1] = count
     return {
         "labels": {
-            label: {"count": count, "monetary": float(monetary or 0)}
+            # Summing floats leaves noise like 88209.46000000005; the measure is money.
+            label: {"count": count, "monetary": round(float(monetary or 0), 2)}
             for label, count, monetary in labels
         },
         "grid": grid,

@@ -4,6 +4,7 @@ and Temporal servers started from the binaries installed with the project."""
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,10 @@ from core.migrate import migrate
 from core.settings import find_executable
 
 POSTGRES_URL = os.environ.get("JOURNEYS_TEST_POSTGRES_URL", "")
+
+# A `journeys dev` the developer runs beside the suite must not be adopted by the
+# commands the tests start (stackrecord.py): they look in an empty state folder instead.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="journeys-test-state-")
 
 
 def _postgres_engine(schema: str) -> Engine:

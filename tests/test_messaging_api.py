@@ -139,6 +139,16 @@ async def test_outbox_lists_captured_messages_by_customer_and_channel(
         )
         assert [m["customer_id"] for m in rest.json()["data"]] == ["c-2"]
 
+        ndjson = {**api.auth("support"), "Accept": "application/x-ndjson"}
+        streamed = await api.client.get("/v1/outbox?limit=1", headers=ndjson)
+        assert streamed.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in streamed.text.splitlines()]
+        # Every message, not a page: the stream ignores `limit`.
+        assert [m["customer_id"] for m in lines] == ["c-1", "c-2"]
+        assert lines[1] == message
+        only_c1 = await api.client.get("/v1/outbox?customer_id=c-1", headers=ndjson)
+        assert [json.loads(line)["customer_id"] for line in only_c1.text.splitlines()] == ["c-1"]
+
 
 async def test_template_crud_validates_on_save_and_previews(api: Api) -> None:
     auth = api.auth("marketer")

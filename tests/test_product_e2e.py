@@ -127,7 +127,8 @@ async def test_events_alone_bring_a_champion_their_welcome_email(dev_server_env,
         profile = (await api.get("/v1/customers/c9")).json()
         assert profile["scores"][0]["label"] == "Champions"
         assert any(s["segment"] == "default:champions" for s in profile["segments"])
-        assert profile["journeys"][0]["journey_slug"] == champions["slug"]
+        assert profile["journeys"][0]["journey"] == champions["slug"]
+        assert profile["journeys"][0]["journey_slug"] == champions["slug"]  # older clients
         assert await welcome_for("c8") == []
 
         # Real time: c8 buys big now and becomes a Champion without waiting for a pass.

@@ -82,6 +82,7 @@ def test_model_crud_score_and_read_side(store_engine, temporal_address):
         assert [row["r"] for row in summary["grid"]] == [5, 4, 3, 2, 1]
         assert sum(sum(row["counts"]) for row in summary["grid"]) == 3
         assert summary["grid"][1]["counts"] == [0, 0, 0, 1, 0]  # alice: R4 F4
+        assert summary["grid"][1]["by_f"] == {"F1": 0, "F2": 0, "F3": 0, "F4": 1, "F5": 0}
 
         replaced = api.client.put(
             "/v1/rfm-models/default",
@@ -187,3 +188,19 @@ def test_targeting_must_name_existing_segments(store_engine, temporal_address):
         )
         assert response.status_code == 422, response.text
         assert response.json()["error"]["field"] == "targeting.all[0].segment"
+
+
+def test_summary_monetary_is_money_without_float_noise(store_engine, temporal_address):
+    # Three customers alike in R, F and M share a label, whose monetary is a float sum.
+    assert 0.1 + 0.1 + 0.1 == 0.30000000000000004
+    load(store_engine, [purchase(customer, T, 0.1) for customer in ("a", "b", "c")])
+    with api_harness(store_engine, temporal_address=temporal_address) as api:
+        body = model_body(segment_map="rfm11")
+        assert api.post("/v1/rfm-models", role="marketer", json=body).status_code == 201
+        scored = api.post(
+            "/v1/rfm-models/default/score", role="marketer", json={"as_of": T.isoformat()}
+        )
+        assert scored.status_code == 200, scored.text
+        summary = api.get("/v1/rfm-models/default/summary", role="marketer").json()
+    [shared] = [label for label in summary["labels"] if label["count"]]
+    assert shared["count"] == 3 and shared["monetary"] == 0.3
