@@ -330,3 +330,26 @@ def test_the_worker_names_an_unreachable_temporal(tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("journeys: ")]
     assert errors == [f"journeys: Temporal at {address} is not reachable: Connection refused"]
+
+
+def test_piped_tables_are_not_cut_at_80_columns(tmp_path, store_env):
+    names = [f"a-key-named-for-a-rather-long-purpose-{i}" for i in range(2)]
+    for name in names:
+        assert (
+            journeys(
+                "keys", "create", "--role", "support", "--name", name, env=store_env
+            ).returncode
+            == 0
+        )
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "cli", "keys", "list"],
+        cwd=ROOT,
+        env={**env, **store_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert all(name in listed.stdout for name in names)
+    assert max(len(line) for line in listed.stdout.splitlines()) > 80
