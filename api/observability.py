@@ -24,7 +24,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.boundary import resource_router
@@ -75,18 +75,21 @@ def metrics() -> Response:
 
 def route_template(scope: Scope) -> str:
     """The template of the route that served (or would have served) this request."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
+    path = getattr(scope.get("route"), "path", None)
     if isinstance(path, str):
         return path
-    # Answered before routing (413 from the size limit, a CORS preflight) or by no route.
+    # Answered before routing (413 from the size limit, a CORS preflight) or by no route:
+    # match the path against the documented templates.
     app = scope.get("app")
-    for candidate in getattr(getattr(app, "router", None), "routes", ()):
-        match, child = candidate.matches(scope)
-        if match != Match.NONE:
-            # An included router answers the match with the route it found inside.
-            found = getattr(child.get("route"), "path", None) or getattr(candidate, "path", None)
-            return found if isinstance(found, str) else UNMATCHED
+    if app is None:
+        return UNMATCHED
+    templates = getattr(app.state, "route_templates", None)
+    if templates is None:
+        templates = [(compile_path(t)[0], t) for t in app.openapi().get("paths", {})]
+        app.state.route_templates = templates
+    for pattern, template in templates:
+        if pattern.match(scope["path"]):
+            return template
     return UNMATCHED
 
 
