@@ -55,6 +55,17 @@ def customer_of_workflow(workflow_id: str) -> str | None:
     return parts[2] if len(parts) == 3 else None
 
 
+# The SDK's logger details (`temporal_workflow` / `temporal_activity`) -> our field names.
+_TEMPORAL_DETAILS = {
+    "workflow_id": "workflow_id",
+    "run_id": "run_id",
+    "workflow_run_id": "run_id",
+    "activity_type": "activity",
+    "attempt": "attempt",
+    "task_queue": "task_queue",
+}
+
+
 def temporal_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The workflow and activity a record was logged from, if any."""
     fields: dict[str, Any] = {}
@@ -62,9 +73,9 @@ def temporal_fields(record: logging.LogRecord) -> dict[str, Any]:
         record, "temporal_activity", None
     )
     if isinstance(details, dict):
-        for key in ("workflow_id", "run_id", "activity_type", "attempt", "task_queue"):
+        for key, name in _TEMPORAL_DETAILS.items():
             if key in details:
-                fields["activity" if key == "activity_type" else key] = details[key]
+                fields[name] = details[key]
     elif activity.in_activity():
         # A plain `logging.getLogger(...)` call inside an activity (its thread or task).
         info = activity.info()
