@@ -300,7 +300,7 @@ def api(
     migrated_engine().dispose()
     with _metrics_folder(processes):
         uvicorn.run(
-            "api.app:create_app",
+            "api.app:serve",
             factory=True,
             host=host,
             port=port,

@@ -101,6 +101,16 @@ def create_app(
     return app
 
 
+def serve() -> FastAPI:
+    """The app `journeys api` serves: `create_app`, with the product metrics this process
+    records (external segment entries, quarantined records) on its `/metrics`."""
+    from api.observability import PrometheusClientSink
+    from core import metrics
+
+    metrics.install(PrometheusClientSink())
+    return create_app()
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, plus the schemas its routes name by reference: the error body
     every 4xx answers, and the journey definition (a typed schema of every step type)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Mapping
 
 from fastapi import Request, Response
 from prometheus_client import (
@@ -28,6 +29,8 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.boundary import resource_router
+from core import metrics as product_metrics
+from core.metrics import MetricSpec
 from core.observability import sampled_traceparent
 from core.tables import utcnow
 from store.trace_handoffs import record_handoff
@@ -128,6 +131,28 @@ class HttpMetrics:
         LATENCY.labels(method, route).observe(seconds)
         if status >= 400:
             ERRORS.labels(method, route, f"{status // 100}xx").inc()
+
+
+class PrometheusClientSink:
+    """The product metrics recorded in an API process (core/metrics.py), on `/metrics`."""
+
+    def __init__(self) -> None:
+        self._instruments: dict[str, Counter | Histogram] = {}
+        for spec in product_metrics.ALL:
+            if spec.kind == "counter":
+                self._instruments[spec.name] = Counter(spec.name, spec.description, spec.labels)
+            else:
+                self._instruments[spec.name] = Histogram(
+                    spec.name, spec.description, spec.labels, buckets=spec.buckets
+                )
+
+    def record(self, spec: MetricSpec, value: float, labels: Mapping[str, str]) -> None:
+        instrument = self._instruments[spec.name]
+        series = instrument.labels(**labels) if spec.labels else instrument
+        if isinstance(series, Counter):
+            series.inc(value)
+        else:
+            series.observe(value)
 
 
 async def remember_trace(request: Request, customer_id: str) -> None:

@@ -2,7 +2,9 @@
 
 A worker installs the Temporal SDK's metric meter as the sink, so these series sit beside
 the SDK's runtime metrics on the worker's Prometheus port (`JOURNEYS_WORKER_METRICS_ADDRESS`).
-A process without a sink (the API, a CLI command, a test) drops them. Labels are bounded:
+`journeys api` installs prometheus-client instead, so what the API itself records
+(external segment entries) shows on its `/metrics`. A process without a sink (a CLI
+command, a test) drops them. Labels are bounded:
 outcomes, channels, kinds and stages are closed sets, and a transition's source is cut to
 its prefix (`rfm-pass`, not `rfm-pass:42`). docs/production.md lists every series.
 """
@@ -29,6 +31,7 @@ class MetricSpec:
     name: str
     kind: Literal["counter", "histogram"]
     description: str
+    labels: tuple[str, ...] = ()
     unit: str = ""
     buckets: tuple[float, ...] = ()
 
@@ -38,17 +41,19 @@ SENDS = MetricSpec(
     "counter",
     "send_message attempts by channel and outcome: sent, skipped, failed, in_doubt,"
     " deferred, or retry (the provider failed or did not answer; Temporal tries again)",
+    ("channel", "outcome"),
 )
 SEGMENT_ENTRIES = MetricSpec(
-    "journeys_segment_entries", "counter", "customers who entered a segment, by source"
+    "journeys_segment_entries", "counter", "customers who entered a segment, by source", ("source",)
 )
 SEGMENT_EXITS = MetricSpec(
-    "journeys_segment_exits", "counter", "customers who left a segment, by source"
+    "journeys_segment_exits", "counter", "customers who left a segment, by source", ("source",)
 )
 REALTIME_LAG = MetricSpec(
     "journeys_realtime_lag_seconds",
     "histogram",
     "age of the oldest event of each real-time batch when the processor claimed it",
+    (),
     "s",
     (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
 )
@@ -56,6 +61,7 @@ PASS_DURATION = MetricSpec(
     "journeys_pass_duration_seconds",
     "histogram",
     "duration of RFM passes, segment passes and real-time batches, by kind and outcome",
+    ("kind", "outcome"),
     "s",
     (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
 )
@@ -63,6 +69,7 @@ QUARANTINED = MetricSpec(
     "journeys_quarantined",
     "counter",
     "records set aside by background work (the failures table), by kind and stage",
+    ("kind", "stage"),
 )
 ALL = (SENDS, SEGMENT_ENTRIES, SEGMENT_EXITS, REALTIME_LAG, PASS_DURATION, QUARANTINED)
 

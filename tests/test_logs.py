@@ -24,7 +24,7 @@ from core.db import make_engine
 from core.observability import JsonFormatter, customer_of_workflow, mask_secrets
 from core.runs import DISPATCHER_WORKFLOW_ID
 from tests.utils.messaging import ProviderStub
-from tests.utils.observability import BUYERS, free_port, thanks_journey
+from tests.utils.observability import BUYERS, free_port, samples, thanks_journey, total
 from workflows.realtime import REALTIME_WORKFLOW_ID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +123,13 @@ async def test_json_logs_carry_the_run_and_never_a_secret(dev_server_env, tmp_pa
                 "occurred_at": "2026-12-01T10:00:00Z",
             }
             assert api.post("/v1/events", json=event).status_code == 201
+            # What the API process itself records shows on its /metrics (both processes').
+            vips = {"slug": "vips", "name": "VIPs", "owner": "external"}
+            assert api.post("/v1/segments", json=vips).status_code == 201
+            entered = api.post("/v1/segments/vips/entries", json={"customer_ids": ["v1", "v2"]})
+            assert entered.json()["entries"] == 2
+            scraped = samples(api.get("/metrics").text)
+            assert total(scraped, "journeys_segment_entries_total", source="external") == 2
             wrong = {"Authorization": "Bearer jk_admin_wrong"}
             assert api.get(f"/v1/customers/{customer}", headers=wrong).status_code == 401
 
