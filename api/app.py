@@ -153,7 +153,6 @@ def _include_routers(app: FastAPI) -> None:
     for module in (
         personalizations,
         health,
-        observability,
         keys,
         events,
         customers,
@@ -162,6 +161,7 @@ def _include_routers(app: FastAPI) -> None:
         journeys,
         runs,
         analytics,
+        observability,
     ):
         app.include_router(module.router)
     for router in (*messages.routers, tracking.router, webhooks.router):
