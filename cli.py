@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -330,22 +331,57 @@ def dev(
 def api(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Server processes.")] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Server processes (default: JOURNEYS_API_PROCESSES, else 1)."),
+    ] = None,
 ) -> None:
     """Run the API alone against JOURNEYS_DATABASE_URL and JOURNEYS_TEMPORAL_ADDRESS."""
     import uvicorn
 
+    from core.observability import uvicorn_log_config
+    from core.settings import get_settings
+
+    settings = get_settings()
+    processes = workers or settings.api_processes
     # The app migrates on start too, but a failure there is a traceback in uvicorn's log.
     migrated_engine().dispose()
-    uvicorn.run(
-        "api.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="warning",
-        access_log=False,
-    )
+    with _metrics_folder(processes):
+        uvicorn.run(
+            "api.app:serve",
+            factory=True,
+            host=host,
+            port=port,
+            workers=processes,
+            log_level="warning",
+            log_config=uvicorn_log_config(settings),
+            access_log=False,
+        )
+
+
+@contextlib.contextmanager
+def _metrics_folder(processes: int) -> Iterator[None]:
+    """Several API processes share their metrics through files in one folder
+    (prometheus-client's multiprocess mode): one made for this run, or the operator's
+    PROMETHEUS_MULTIPROC_DIR emptied of an earlier run's files."""
+    import shutil
+    import tempfile
+
+    if processes < 2:
+        yield
+        return
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        for stale in Path(configured).glob("*.db"):
+            stale.unlink(missing_ok=True)
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="journeys-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @app.command()

@@ -14,18 +14,75 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    PrometheusConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 
+from core import metrics
 from core.db import make_engine
 from core.migrate import migrate
+from core.observability import (
+    configure_logging,
+    temporal_tracing_interceptors,
+    tracer_provider_for,
+)
 from core.settings import Settings
 
 
-async def connect_client(settings: Settings) -> Client:
+async def connect_client(
+    settings: Settings, *, runtime: Runtime | None = None, interceptors: Sequence[Any] = ()
+) -> Client:
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=pydantic_data_converter,
+        runtime=runtime,
+        interceptors=list(interceptors),
+    )
+
+
+def worker_runtime(settings: Settings) -> Runtime | None:
+    """The SDK runtime of a worker process: its Prometheus endpoint serves the SDK's
+    metrics and ours (core/metrics.py), and with JSON logs the SDK core's own log lines
+    go through Python logging too. None: the default runtime will do."""
+    json_logs = settings.log_format == "json"
+    if not settings.worker_metrics_address and not json_logs:
+        return None
+    prometheus = None
+    if settings.worker_metrics_address:
+        prometheus = PrometheusConfig(
+            bind_address=settings.worker_metrics_address,
+            counters_total_suffix=True,
+            durations_as_seconds=True,
+            histogram_bucket_overrides=metrics.histogram_buckets(),
+        )
+    core_logs = LoggingConfig.default
+    if json_logs:
+        core_logs = LoggingConfig(
+            filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+            forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
+        )
+    runtime = Runtime(telemetry=TelemetryConfig(metrics=prometheus, logging=core_logs))
+    if prometheus is not None:
+        metrics.install(metrics.TemporalMeterSink(runtime.metric_meter))
+    return runtime
+
+
+def activity_metrics() -> metrics.ActivityMetrics:
+    """Counts each send's outcome and times each pass, around the activities."""
+    from activities.segments import EVALUATE_SEGMENTS_ACTIVITY
+    from core.messages import SEND_MESSAGE_ACTIVITY
+    from core.rfm import RUN_RFM_PASS_ACTIVITY
+
+    return metrics.ActivityMetrics(
+        send_activity=SEND_MESSAGE_ACTIVITY,
+        passes={RUN_RFM_PASS_ACTIVITY: "rfm", EVALUATE_SEGMENTS_ACTIVITY: "segment"},
     )
 
 
@@ -103,6 +160,7 @@ def build_worker(
         max_concurrent_workflow_tasks=settings.worker_max_workflow_tasks,
         max_concurrent_activities=settings.worker_max_activities,
         max_cached_workflows=settings.worker_max_cached_workflows,
+        interceptors=[activity_metrics()],
     )
 
 
@@ -136,12 +194,18 @@ async def ensure_background_workflows(client: Client, settings: Settings) -> Non
     )
 
 
-async def connect_with_retry(settings: Settings, seconds: float = 60) -> Client:
+async def connect_with_retry(
+    settings: Settings,
+    seconds: float = 60,
+    *,
+    runtime: Runtime | None = None,
+    interceptors: Sequence[Any] = (),
+) -> Client:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     while True:
         try:
-            return await connect_client(settings)
+            return await connect_client(settings, runtime=runtime, interceptors=interceptors)
         except Exception:
             if loop.time() > deadline:
                 raise
@@ -150,10 +214,14 @@ async def connect_with_retry(settings: Settings, seconds: float = 60) -> Client:
 
 async def run_worker(settings: Settings) -> None:
     """Migrate, connect, start the singletons and poll until SIGTERM / SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings)
     engine = make_engine(settings.resolved_database_url)
     migrate(engine)
-    client = await connect_with_retry(settings)
+    runtime = worker_runtime(settings)
+    tracer_provider = tracer_provider_for(settings, "worker")
+    client = await connect_with_retry(
+        settings, runtime=runtime, interceptors=temporal_tracing_interceptors(tracer_provider)
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -163,5 +231,13 @@ async def run_worker(settings: Settings) -> None:
         ready_file = os.environ.get("JOURNEYS_WORKER_READY_FILE")
         if ready_file:
             Path(ready_file).write_text(str(os.getpid()))
-        logging.getLogger("journeys.worker").info("worker polling %s", settings.task_queue)
+        logging.getLogger("journeys.worker").info(
+            "worker polling %s%s",
+            settings.task_queue,
+            f"; metrics on {settings.worker_metrics_address}"
+            if settings.worker_metrics_address
+            else "",
+        )
         await stop.wait()
+    if tracer_provider is not None:
+        tracer_provider.shutdown()  # flush the spans still batched

@@ -24,6 +24,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from core.journeys import JourneyDefinition
+from core.observability import TRACE_HANDOFF_WINDOW, client_traces, continued_trace
 from core.runs import (
     DISPATCH_TRANSITIONS_ACTIVITY,
     DISPATCHER_WORKFLOW,
@@ -51,6 +52,7 @@ from store import runs as run_store
 from store import transitions as transition_store
 from store.failures import FailureSubject, record_failure
 from store.runs import RunSummary
+from store.trace_handoffs import recent_handoffs
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class _CustomerPlan:
 
     transition_ids: list[int] = field(default_factory=list)
     actions: dict[int, list[_Start | _ExitSignal]] = field(default_factory=dict)
+    traceparent: str | None = None  # the trace of the event that led here (tracing on)
 
 
 @dataclass
@@ -152,6 +155,7 @@ class TransitionDispatcher:
         self.task_queue = task_queue
         self.concurrency = concurrency
         self.history_event_threshold = history_event_threshold
+        self.traces = client_traces(client)
 
     async def dispatch_once(self, *, limit: int = 500) -> DispatchCounts:
         """Dispatch up to `limit` of the oldest undispatched transitions."""
@@ -162,7 +166,8 @@ class TransitionDispatcher:
 
         async def one(plan: _CustomerPlan) -> _CustomerOutcome:
             async with gate:
-                return await self._carry_out(plan)
+                with continued_trace(plan.traceparent):
+                    return await self._carry_out(plan)
 
         outcomes = await asyncio.gather(*(one(plan) for plan in plans.values()))
         done_ids = [i for outcome in outcomes for i in outcome.done_ids]
@@ -204,9 +209,12 @@ class TransitionDispatcher:
             running = run_store.running_runs_of_customers(
                 conn, customer_ids=[r["customer_id"] for r in exited]
             )
+            traces = self._handoffs(conn, entered, now)
         plans: dict[str, _CustomerPlan] = {}
         for row in rows:
-            plan = plans.setdefault(row["customer_id"], _CustomerPlan())
+            plan = plans.setdefault(
+                row["customer_id"], _CustomerPlan(traceparent=traces.get(row["customer_id"]))
+            )
             plan.transition_ids.append(row["id"])
             try:
                 self._plan_row(row, plan, journeys, last, running, counts, now, set_aside)
@@ -215,6 +223,12 @@ class TransitionDispatcher:
                 subject = FailureSubject("transition", str(row["id"]), "dispatch")
                 set_aside.append(_set_aside(subject, exc, counts))
         return plans, counts, set_aside
+
+    def _handoffs(self, conn: Any, entered: list[dict[str, Any]], now: datetime) -> dict[str, str]:
+        if not self.traces or not entered:
+            return {}
+        customers = [r["customer_id"] for r in entered]
+        return recent_handoffs(conn, customer_ids=customers, since=now - TRACE_HANDOFF_WINDOW)
 
     def _plan_row(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 
+from core import metrics
 from core.settings import Settings
 from core.tables import utcnow
 from store.customers import claim_pending_customers
@@ -66,8 +68,10 @@ class RealtimeActivities:
         set aside with its error: the rest of the batch is processed and the claim kept.
         """
         now = utcnow()
+        started = time.perf_counter()
         with self.engine.begin() as conn:
             events = claim_pending_events(conn, limit=batch_size)
+            metrics.observe_realtime_lag([e.get("received_at") for e in events], now)
             changed = claim_pending_customers(conn, limit=batch_size)
             retried = due_keys(
                 conn, kind="customer", stage="realtime", now=now, limit=max(1, batch_size // 10)
@@ -75,6 +79,8 @@ class RealtimeActivities:
             customer_ids = sorted({e["customer_id"] for e in events} | set(changed) | set(retried))
             if customer_ids:
                 self._apply_steps(conn, customer_ids, retried=retried, now=now)
+        if customer_ids:
+            metrics.observe_pass("realtime", time.perf_counter() - started)
         return events, customer_ids
 
     def _apply_steps(

@@ -18,9 +18,11 @@ from api.cors import BrowserCors
 from api.deps import KeyCache, TemporalConnector
 from api.errors import ErrorBody, install_error_handlers
 from api.limits import BodySizeLimit
+from api.observability import HttpMetrics
 from core.db import make_engine
 from core.journeys import JourneyDefinition
 from core.migrate import migrate
+from core.observability import temporal_tracing_interceptors, tracer_provider_for
 from core.personalization import PersonalizationDefinition
 from core.settings import Settings, get_settings
 from store.event_writers import BulkWriter, EventWriter
@@ -30,10 +32,14 @@ from store.personalization import CampaignCache, DecisionReader
 from store.view_writer import ViewWriter
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the API; the store is migrated and the bootstrap admin key ensured on start."""
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, tracer_provider: Any = None
+) -> FastAPI:
+    """Build the API; the store is migrated and the bootstrap admin key ensured on start.
+    Spans go to `tracer_provider`, else to the one the settings ask for (none by default)."""
     settings = settings or get_settings()
     engine = engine or make_engine(settings.resolved_database_url)
+    tracer_provider = tracer_provider or tracer_provider_for(settings, "api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,10 +71,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         version="0.1.0",
         summary="RFM-driven lifecycle journeys on Temporal",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry instrumentation: a server span per request.
+        telemetry=(
+            {"tracer_provider": tracer_provider, "metrics": False, "logs": False}
+            if tracer_provider is not None
+            else {"tracing": False, "metrics": False, "logs": False}
+        ),
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.temporal = TemporalConnector(settings.temporal_address, settings.temporal_namespace)
+    app.state.tracing = tracer_provider is not None
+    app.state.temporal = TemporalConnector(
+        settings.temporal_address,
+        settings.temporal_namespace,
+        interceptors=temporal_tracing_interceptors(tracer_provider),
+    )
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
     app.state.campaigns = CampaignCache(engine)
     app.state.view_writer = ViewWriter(engine)
@@ -77,10 +94,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(
         BrowserCors, origins=settings.cors_origin_list, campaigns=app.state.campaigns
     )
+    app.add_middleware(HttpMetrics)  # added last: outermost, so it sees every answer
     install_error_handlers(app)
     _include_routers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def serve() -> FastAPI:
+    """The app `journeys api` serves: `create_app`, with the product metrics this process
+    records (external segment entries, quarantined records) on its `/metrics`."""
+    from api.observability import PrometheusClientSink
+    from core import metrics
+
+    metrics.install(PrometheusClientSink())
+    return create_app()
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -111,6 +139,7 @@ def _include_routers(app: FastAPI) -> None:
         journeys,
         keys,
         messages,
+        observability,
         personalizations,
         rfm,
         runs,
@@ -132,6 +161,7 @@ def _include_routers(app: FastAPI) -> None:
         journeys,
         runs,
         analytics,
+        observability,
     ):
         app.include_router(module.router)
     for router in (*messages.routers, tracking.router, webhooks.router):

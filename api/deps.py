@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -43,9 +43,10 @@ def get_session(request: Request) -> Iterator[Session]:
 class TemporalConnector:
     """Connects once, lazily, so the API starts (and answers /readyz) while Temporal is down."""
 
-    def __init__(self, address: str, namespace: str):
+    def __init__(self, address: str, namespace: str, interceptors: list[Any] | None = None):
         self.address = address
         self.namespace = namespace
+        self.interceptors = interceptors or []
         self._client: Client | None = None
         self._lock = asyncio.Lock()
 
@@ -59,6 +60,7 @@ class TemporalConnector:
                         self.address,
                         namespace=self.namespace,
                         data_converter=pydantic_data_converter,
+                        interceptors=self.interceptors,
                     )
         return self._client
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from api.boundary import resource_router
 from api.bulk import BulkResult, PartlyRejected, read_batch
 from api.deps import BrowserKey, IngestKey
+from api.observability import remember_trace
 from core.events import EventIn, EventRecord
 from store.event_writers import BulkWriter, EventWriter
 
@@ -32,6 +33,7 @@ async def post_event(
     ingest and web (a storefront page posts its visitor's events)."""
     writer: EventWriter = request.app.state.event_writer
     inserted = await writer.write(event)
+    await remember_trace(request, event.customer_id)
     if not inserted:
         response.status_code = 200
     return EventAccepted(event_id=event.event_id, duplicate=not inserted)

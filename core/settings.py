@@ -7,11 +7,24 @@ import sys
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"", "change-me", "changeme", "dev-secret-change-me"}
+
+# What a production deployment must say itself: the defaults point at this machine
+# (SQLite, a local Temporal), which a container never wants.
+REQUIRED_IN_PRODUCTION = ("secret_key", "database_url", "temporal_address", "public_url")
+# Settings whose values never appear in a log line (core/observability.py masks them).
+SECRET_SETTINGS = (
+    "secret_key",
+    "bootstrap_admin_key",
+    "sendgrid_api_key",
+    "twilio_auth_token",
+    "database_url",
+)
 
 
 class Settings(BaseSettings):
@@ -70,11 +83,37 @@ class Settings(BaseSettings):
 
     temporal_cli_path: str = ""
 
+    # Processes `journeys api` starts when --workers is not given.
+    api_processes: int = Field(1, ge=1, le=64)
+    # Observability (docs/production.md#metrics): logs as text or one JSON object a line.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # host:port where a worker serves Prometheus metrics (the SDK's and ours); empty: none.
+    worker_metrics_address: str = ""
+    # OpenTelemetry traces: off, to an OTLP/HTTP collector, or printed on stdout.
+    tracing: Literal["off", "otlp", "console"] = "off"
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "journeys"
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
-        if self.environment == "production" and self.secret_key in PLACEHOLDER_SECRETS:
+        if self.environment != "production":
+            return self
+        if self.secret_key in PLACEHOLDER_SECRETS:
             raise ValueError("JOURNEYS_SECRET_KEY must be set to a real secret in production")
+        missing = [name for name in REQUIRED_IN_PRODUCTION if name not in self.model_fields_set]
+        if missing:
+            names = ", ".join(f"JOURNEYS_{name.upper()}" for name in missing)
+            raise ValueError(f"{names} must be set in production")
         return self
+
+    def secret_values(self) -> list[str]:
+        """The secrets this process holds, longest first, and the database password."""
+        values = {str(getattr(self, name)) for name in SECRET_SETTINGS if name != "database_url"}
+        password = _url_password(self.database_url)
+        if password:
+            values.add(password)
+        return sorted((v for v in values if len(v) >= 8), key=len, reverse=True)
 
     @property
     def resolved_database_url(self) -> str:
@@ -93,6 +132,18 @@ class Settings(BaseSettings):
     @property
     def sms_enabled(self) -> bool:
         return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+
+def _url_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if not url:
+        return ""
+    try:
+        return make_url(url).password or ""
+    except (ArgumentError, ValueError):
+        return ""
 
 
 def find_executable(name: str, configured: str = "") -> str:

@@ -487,6 +487,18 @@ class Failure(SQLModel, table=True):
     next_attempt_at: datetime = _now_ts()
 
 
+class TraceHandoff(SQLModel, table=True):
+    """The trace a customer's latest traced event was stored in (only with tracing on):
+    the dispatcher starts that customer's journeys inside it, so one trace runs from the
+    API request to the send although the work crosses the store in between."""
+
+    __tablename__ = "trace_handoffs"
+
+    customer_id: str = Field(sa_column=Column(IdString, primary_key=True))
+    traceparent: str = Field(sa_column=Column(String(100), nullable=False))
+    recorded_at: datetime = _now_ts()
+
+
 # --- personalisation ----------------------------------------------------------------------
 
 

@@ -385,6 +385,7 @@ def claim_pending_events(conn: Connection, *, limit: int) -> list[dict[str, Any]
                 Event.__table__.c.name,
                 Event.__table__.c.occurred_at,
                 Event.__table__.c.properties,
+                Event.__table__.c.received_at,
             )
             .where(text("realtime_pending"))
             .order_by(Event.__table__.c.id)

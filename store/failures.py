@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from core.errors import JourneysError
+from core.metrics import count_quarantined
 from core.tables import UTCDateTime
 
 FailureKind = Literal["customer", "segment", "rfm_model", "journey", "transition"]
@@ -107,6 +108,7 @@ def record_failure(
             "next_at": now + backoff(attempts),
         },
     )
+    count_quarantined(subject.kind, subject.stage)
     return failures_of(conn, kind=subject.kind, key=subject.key, stage=subject.stage)[0]
 
 

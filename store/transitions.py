@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 
+from core.metrics import count_segment_changes
 from core.tables import UTCDateTime
 
 
@@ -116,6 +117,7 @@ def apply_membership(
     else:
         exits, entries = _write_diff(run, scoped=scoped)
     conn.execute(text("DELETE FROM staged_membership"))
+    count_segment_changes(source, entries=entries, exits=exits)
     return MembershipDiff(entries=entries, exits=exits)
 
 

@@ -417,11 +417,12 @@ def _routes(app) -> list[tuple[str, str, bool]]:  # noqa: ANN001
 def test_a_web_key_is_refused_everywhere_but_decide_views_and_events(api) -> None:
     routes = _routes(api.client.app)
     public = {(method, path) for method, path, keyed in routes if not keyed}
-    # Routes without a key are the documentation, health, tracked links and signed
-    # webhooks; a new one must be added here knowingly.
+    # Routes without a key are the documentation, health, Prometheus metrics (scraped
+    # without a key, docs/production.md), tracked links and signed webhooks; a new one
+    # must be added here knowingly.
     assert {path for _, path in public} == {
         "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz", "/readyz",
-        "/t/{token}", "/o/{token}.gif", "/u/{token}", "/webhooks/sendgrid",
+        "/metrics", "/t/{token}", "/o/{token}.gif", "/u/{token}", "/webhooks/sendgrid",
         "/webhooks/twilio/status", "/webhooks/twilio/inbound",
     }  # fmt: skip
     keyed = [(method, path) for method, path, needs_key in routes if needs_key]

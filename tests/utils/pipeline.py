@@ -17,6 +17,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from api.app import create_app
+from core.observability import temporal_tracing_interceptors
 from core.rfm import RFM_SCORING_WORKFLOW
 from core.segments import SEGMENT_WORKFLOW
 from store.keys import create_key
@@ -48,8 +49,16 @@ def terminate_saves_at(address: str) -> None:
 
 
 @asynccontextmanager
-async def running_product(engine: Engine, dev_server_env: Any) -> AsyncIterator[AsyncClient]:
-    """An admin API client on `engine`, with a worker on its own task queue polling fast."""
+async def running_product(
+    engine: Engine,
+    dev_server_env: Any,
+    *,
+    tracer_provider: Any = None,
+    runtime: Any = None,
+    **overrides: Any,
+) -> AsyncIterator[AsyncClient]:
+    """An admin API client on `engine`, with a worker on its own task queue polling fast
+    (both tracing to `tracer_provider`, the worker's client on `runtime`, when given)."""
     settings = settings_for_tests(
         temporal_address=dev_server_env.client.service_client.config.target_host,
         task_queue=f"product-{uuid.uuid4().hex[:8]}",
@@ -57,13 +66,16 @@ async def running_product(engine: Engine, dev_server_env: Any) -> AsyncIterator[
         dispatch_poll_seconds=0.05,
         worker_workflow_pollers=4,
         worker_activity_pollers=4,
+        **overrides,
     )
     with Session(engine) as session:
         _, admin = create_key(session, role="admin", name=f"product-{uuid.uuid4().hex[:6]}")
         session.commit()
-    client = await connect_client(settings)
+    client = await connect_client(
+        settings, runtime=runtime, interceptors=temporal_tracing_interceptors(tracer_provider)
+    )
     await terminate_saves(client)
-    app = create_app(settings, engine)
+    app = create_app(settings, engine, tracer_provider)
     async with (
         build_worker(client, settings, engine),
         app.router.lifespan_context(app),
