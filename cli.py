@@ -240,10 +240,16 @@ def dev(
         int | None, typer.Option(help="Temporal UI port (default: the next port).")
     ] = None,
 ) -> None:
-    """Run everything on the embedded default: Temporal dev server, one worker, the API."""
+    """Run everything on the embedded default: Temporal dev server, one worker, the API.
+
+    A child that dies is started again (after 1 s, doubling while it keeps dying, at most
+    30 s) on the same data; only Ctrl-C or SIGTERM stops the stack."""
     from devstack import DevStack, PortBusy
 
-    stack = DevStack(data_dir, port, temporal_port, ui_port or temporal_port + 1)
+    def say(line: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False, soft_wrap=True)
+
+    stack = DevStack(data_dir, port, temporal_port, ui_port or temporal_port + 1, say=say)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -263,8 +269,8 @@ def dev(
             f"logs in {data_dir / 'logs'}; Ctrl-C stops everything[/dim]"
         )
         while True:
-            stack.raise_if_a_child_died()
-            time.sleep(0.5)
+            stack.heal()
+            time.sleep(0.25)
     except KeyboardInterrupt:
         console.print("stopping..." if stopping else "\nstopping...")
     except PortBusy as exc:

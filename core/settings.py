@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     frequency_cap_action: str = "defer"
 
     temporal_cli_path: str = ""
+    # Set by `journeys dev` for its API: the file where it keeps its children's states,
+    # which /readyz reports.
+    dev_state_file: str = ""
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
