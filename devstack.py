@@ -79,6 +79,30 @@ def admin_key(data_dir: Path) -> str:
     return key
 
 
+def temporal_dev_server_argv(port: int, ui_port: int, db_file: Path) -> list[str]:
+    """The Temporal dev server on 127.0.0.1:`port`, its state in the SQLite `db_file`."""
+    return [
+        find_executable("temporal", os.environ.get("JOURNEYS_TEMPORAL_CLI_PATH", "")),
+        "server",
+        "start-dev",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--db-filename",
+        str(db_file),
+        # docs/architecture.md: WAL more than doubled the dev server's throughput here.
+        "--sqlite-pragma",
+        "journal_mode=wal",
+        "--sqlite-pragma",
+        "synchronous=normal",
+        "--log-level",
+        "warn",
+    ]
+
+
 def describe_exit(code: int) -> str:
     """`killed by SIGKILL` / `exited with code 1`."""
     if code < 0:
@@ -220,26 +244,9 @@ class DevStack:
         return env
 
     def temporal_argv(self) -> list[str]:
-        return [
-            find_executable("temporal", os.environ.get("JOURNEYS_TEMPORAL_CLI_PATH", "")),
-            "server",
-            "start-dev",
-            "--ip",
-            "127.0.0.1",
-            "--port",
-            str(self.temporal_port),
-            "--ui-port",
-            str(self.ui_port),
-            "--db-filename",
-            str(self.data_dir / "temporal.db"),
-            # docs/architecture.md: WAL more than doubled the dev server's throughput here.
-            "--sqlite-pragma",
-            "journal_mode=wal",
-            "--sqlite-pragma",
-            "synchronous=normal",
-            "--log-level",
-            "warn",
-        ]
+        return temporal_dev_server_argv(
+            self.temporal_port, self.ui_port, self.data_dir / "temporal.db"
+        )
 
     def add(
         self,
