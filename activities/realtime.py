@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 
+from activities.outages import riding_out_outages
 from core.settings import Settings
 from core.tables import utcnow
 from store.customers import claim_pending_customers
@@ -128,7 +129,10 @@ class RealtimeActivities:
         heartbeats = asyncio.create_task(keep_heartbeating())
         try:
             while loop.time() < deadline:
-                events, customers = await asyncio.to_thread(self.process_batch, request.batch_size)
+                events, customers = await riding_out_outages(
+                    lambda: asyncio.to_thread(self.process_batch, request.batch_size),
+                    "real-time processor",
+                )
                 result.events += len(events)
                 result.customers += len(customers)
                 if events and self.event_sink is not None:

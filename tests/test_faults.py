@@ -11,22 +11,32 @@ the default suite and a full one marked `slow`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 
-from tests.conftest import new_store
+from core.db import make_engine
+from core.rfm import RFM_SCORING_WORKFLOW, RfmPassSummary, RfmScoringInput
+from tests.conftest import POSTGRES_URL, new_store
+from tests.utils.api import settings_for_tests
 from tests.utils.cluster import (
     TWO_EMAILS,
+    Answers,
     Cluster,
     ProviderFaults,
     add_customers,
     all_runs_ended,
+    call,
     chunks,
     cluster,
     count_sends,
@@ -37,6 +47,8 @@ from tests.utils.cluster import (
     two_email_journey,
     until,
 )
+from tests.utils.rfm import model_body
+from worker import connect_client
 
 # The full forms take minutes, more on a loaded machine.
 FULL = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -226,3 +238,180 @@ async def test_provider_failing_and_timing_out(
     # in-doubt path (not resent) and SendGrid's events settled them.
     assert faults.failed >= 1 and faults.stalled >= 1
     assert 1 <= _timeline_kinds(engine, "flaky")["in_doubt"] <= faults.stalled
+
+
+# --- PostgreSQL connections cut during bulk ingest, a scoring pass and sends ------------------
+
+
+class Cutter:
+    """Cuts every connection the cluster's processes hold to PostgreSQL (they all connect
+    under one application_name), every `every` seconds while it runs."""
+
+    def __init__(self, application_name: str) -> None:
+        self.application_name = application_name
+        self.admin = make_engine(POSTGRES_URL)
+        self.cuts = 0
+        self.connections_cut = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def cut(self) -> int:
+        with self.admin.connect() as conn:
+            cut = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = :app AND pid <> pg_backend_pid()"
+                ),
+                {"app": self.application_name},
+            ).scalar_one()
+            conn.commit()
+        self.cuts += 1
+        self.connections_cut += int(cut)
+        return int(cut)
+
+    async def _loop(self, every: float) -> None:
+        while True:
+            await asyncio.to_thread(self.cut)
+            await asyncio.sleep(every)
+
+    def start(self, every: float) -> None:
+        self._task = asyncio.create_task(self._loop(every))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def _purchases(customers: list[str], batch: int, size: int) -> list[dict[str, Any]]:
+    moment = datetime.now(UTC) - timedelta(days=1)
+    return [
+        {
+            "event_id": f"b{batch}-{i}",
+            "customer_id": customers[(batch * size + i) % len(customers)],
+            "name": "Purchase",
+            "occurred_at": (moment - timedelta(hours=i % 500)).isoformat(),
+            "properties": {"total_price": 10 + i % 90},
+        }
+        for i in range(size)
+    ]
+
+
+def _count(engine: Engine, sql: str, **params: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text(sql), params).scalar_one())
+
+
+async def _pass_retried_or_ended(handle: WorkflowHandle[Any, Any]) -> bool:
+    description = await handle.describe()
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return True
+    pending = description.raw_description.pending_activities
+    return bool(pending) and pending[0].attempt >= 2
+
+
+async def _last_attempt(handle: WorkflowHandle[Any, Any]) -> int:
+    history = await handle.fetch_history()
+    return max(
+        e.activity_task_started_event_attributes.attempt
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+    )
+
+
+@pytest.mark.parametrize(
+    ("customers", "batches", "batch_size", "journeys"),
+    [
+        pytest.param(2000, 5, 1000, 40, id="short"),
+        pytest.param(20_000, 20, 5000, 1000, id="full", marks=FULL),
+    ],
+)
+async def test_postgres_connections_cut_during_ingest_scoring_and_sends(
+    postgres_engine: Engine,
+    tmp_path: Path,
+    dev_server_env: Any,
+    customers: int,
+    batches: int,
+    batch_size: int,
+    journeys: int,
+) -> None:
+    engine = postgres_engine
+    address = dev_server_env.client.service_client.config.target_host
+    application = f"journeys_cut_{uuid.uuid4().hex[:8]}"
+    url = f"{_url(engine)}&application_name={application}"
+    cutter = Cutter(application)
+    answers = Answers()
+    ids = _customers("p", customers)
+    journey = two_email_journey("cuts", "cuts-crm")
+    try:
+        async with cluster(tmp_path / "cluster", url, temporal_address=address) as c:
+            c.start_api()
+            c.start_worker("worker-1")
+            await c.ready("api", "worker-1")
+            c.webhook.start(f"{c.api_url()}/webhooks/sendgrid")
+            async with c.client() as api:
+                await set_up_journey(api, journey)
+                await add_customers(api, ids)
+                model = model_body(slug="cuts")
+                assert (await call(api, "POST", "/v1/rfm-models", json=model)).is_success
+
+                # Bulk ingest while the connections are cut: 503s, retried with the same
+                # event ids, store every event once.
+                cutter.start(every=0.15)
+                for batch in range(batches):
+                    events = _purchases(ids, batch, batch_size)
+                    response = await call(
+                        api, "POST", "/v1/events/bulk?realtime=false", answers, json=events
+                    )
+                    assert response.status_code == 200, response.text
+                await cutter.stop()
+                stored = _count(engine, "SELECT COUNT(*) FROM events")
+                again = await call(
+                    api,
+                    "POST",
+                    "/v1/events/bulk?realtime=false",
+                    json=_purchases(ids, 0, batch_size),
+                )
+                assert again.json()["duplicates"] == batch_size
+
+                # A scoring pass (the worker's, as a schedule starts it) cut until an
+                # attempt failed: Temporal runs it again and it scores everyone once.
+                temporal = await connect_client(
+                    settings_for_tests(temporal_address=address, task_queue=c.task_queue)
+                )
+                handle = await temporal.start_workflow(
+                    RFM_SCORING_WORKFLOW,
+                    RfmScoringInput(model_slug="cuts"),
+                    id=f"rfm-pass-{uuid.uuid4().hex[:8]}",
+                    task_queue=c.task_queue,
+                    result_type=RfmPassSummary,
+                )
+                cutter.start(every=0.05)
+                while not await _pass_retried_or_ended(handle):
+                    await asyncio.sleep(0.05)
+                await cutter.stop()
+                summary = await asyncio.wait_for(handle.result(), 300)
+                pass_attempt = await _last_attempt(handle)
+
+                # Sends while the connections are cut (and SendGrid's events with them).
+                cutter.start(every=0.5)
+                await _flow(api, "cuts-crm", ids[:journeys], batch=20, pause=0.2)
+                await all_runs_ended(engine, "cuts", journeys, seconds=120 + journeys / 2)
+                await cutter.stop()
+            await c.webhook.drained()
+            counted = count_sends(c.stub, engine, "cuts")
+    finally:
+        await cutter.stop()
+        cutter.admin.dispose()
+
+    # The API answered 503 with Retry-After while its connections were cut; never a 500.
+    assert answers.statuses[503] >= 1
+    assert set(answers.statuses) <= {200, 201, 503}
+    assert set(answers.retry_after) == {"1"}
+    assert stored == batches * batch_size
+    assert _count(engine, "SELECT COUNT(DISTINCT event_id) FROM events") == stored
+    assert pass_attempt >= 2
+    assert summary.scored == customers
+    assert _count(engine, "SELECT COUNT(*) FROM rfm_scores WHERE model_slug = 'cuts'") == customers
+    assert counted.problems(ids[:journeys], TWO_EMAILS) == {}
