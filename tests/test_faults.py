@@ -41,8 +41,8 @@ from tests.utils.cluster import (
     cluster,
     count_sends,
     enter,
+    journey_histories,
     run_statuses,
-    send_attempts,
     set_up_journey,
     two_email_journey,
     until,
@@ -122,7 +122,7 @@ async def test_workers_killed_again_and_again_mid_journey(
             await all_runs_ended(engine, "kills", customers, seconds=120 + customers / 2)
         await c.webhook.drained()
         counted = count_sends(c.stub, engine, "kills")
-        attempts = await send_attempts(address, c.task_queue)
+        attempts = (await journey_histories(address, c.task_queue)).attempts
     assert killed >= min(kills, 2)
     assert counted.problems(ids, TWO_EMAILS) == {}
     # Sends were in flight at the kills, and were retried once their heartbeats stopped.

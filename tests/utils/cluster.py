@@ -594,38 +594,49 @@ def count_sends(stub: ProviderStub, engine: Engine, journey: str) -> SendCount:
     )
 
 
-async def send_attempts(address: str, task_queue: str) -> Counter[str]:
-    """How the journeys' send activities ended their attempts before the last, from the
-    Temporal histories: `first` for sends done at their first attempt, else the failure
-    of the attempt before (`heartbeat timeout`, `ProviderUnavailable`, ...)."""
+@dataclass
+class Histories:
+    """What Temporal recorded of the journeys run on a task queue."""
+
+    executions: Counter[str] = field(default_factory=Counter)  # workflow id -> runs
+    statuses: Counter[str] = field(default_factory=Counter)
+    # How each send's attempts before the last ended: `first` for sends done at their
+    # first attempt, else `heartbeat timeout`, `ProviderUnavailable`, ...
+    attempts: Counter[str] = field(default_factory=Counter)
+    # The worker (Temporal identity `pid@host`) that ran each send's last attempt.
+    send_workers: Counter[str] = field(default_factory=Counter)
+
+
+async def journey_histories(address: str, task_queue: str) -> Histories:
     from temporalio.api.enums.v1 import EventType, TimeoutType
     from temporalio.client import Client
 
     client = await Client.connect(address)
-    outcomes: Counter[str] = Counter()
+    found = Histories()
     query = f"TaskQueue = '{task_queue}' AND WorkflowType = 'JourneyWorkflow'"
-    handles = [
-        client.get_workflow_handle(w.id, run_id=w.run_id)
-        async for w in client.list_workflows(query)
-    ]
+    executions = [w async for w in client.list_workflows(query)]
     semaphore = asyncio.Semaphore(20)
 
-    async def one(handle: Any) -> None:
+    async def one(execution: Any) -> None:
+        found.executions[execution.id] += 1
+        found.statuses[execution.status.name if execution.status else "UNKNOWN"] += 1
         async with semaphore:
+            handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
             history = await handle.fetch_history()
         for event in history.events:
             if event.event_type != EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
                 continue
             started = event.activity_task_started_event_attributes
+            found.send_workers[started.identity] += 1
             if started.attempt <= 1:
-                outcomes["first"] += 1
+                found.attempts["first"] += 1
                 continue
             failure = started.last_failure
             if failure.HasField("timeout_failure_info"):
                 kind = TimeoutType.Name(failure.timeout_failure_info.timeout_type)
-                outcomes[kind.removeprefix("TIMEOUT_TYPE_").lower() + " timeout"] += 1
+                found.attempts[kind.removeprefix("TIMEOUT_TYPE_").lower() + " timeout"] += 1
             else:
-                outcomes[failure.application_failure_info.type or failure.message[:40]] += 1
+                found.attempts[failure.application_failure_info.type or failure.message[:40]] += 1
 
-    await asyncio.gather(*(one(handle) for handle in handles))
-    return outcomes
+    await asyncio.gather(*(one(execution) for execution in executions))
+    return found
