@@ -239,6 +239,9 @@ def dev(
     ui_port: Annotated[
         int | None, typer.Option(help="Temporal UI port (default: the next port).")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=16, help="Worker processes (they share the task queue).")
+    ] = 1,
 ) -> None:
     """Run everything on the embedded default: Temporal dev server, one worker, the API.
 
@@ -249,7 +252,9 @@ def dev(
     def say(line: str) -> None:
         console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False, soft_wrap=True)
 
-    stack = DevStack(data_dir, port, temporal_port, ui_port or temporal_port + 1, say=say)
+    stack = DevStack(
+        data_dir, port, temporal_port, ui_port or temporal_port + 1, workers=workers, say=say
+    )
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
