@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import multiprocessing
 import os
 import random
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +80,6 @@ def _stub_process(
     der = private_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    import base64
-
     signer = SendGridSigner(private_key, base64.b64encode(der).decode())
     webhook = SendGridWebhook(signer)
     stub = ProviderStub(keep_requests=False, on_accept=webhook.report).start()
@@ -90,7 +90,7 @@ def _stub_process(
             webhook.start(webhook_url)
         elif command == "stats":
             with stub.lock:
-                replies.put({"accepted": dict(stub.accepted), "webhook_pending": webhook._pending})
+                replies.put({"accepted": dict(stub.accepted), "webhook_pending": webhook.pending})
         elif command == "stop":
             webhook.stop()
             stub.stop()
@@ -116,8 +116,6 @@ class StubProcess:
 
 
 def start_stub(webhook_url: str) -> tuple[StubProcess, str]:
-    import base64
-
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -284,8 +282,6 @@ class Load:
 
 
 def _iso_now() -> str:
-    from datetime import UTC, datetime
-
     return datetime.now(UTC).isoformat()
 
 
@@ -621,8 +617,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    import sys
-
     asyncio.run(soak(parse_args()))
     sys.stdout.flush()
     # The SDK's threads can crash a finishing interpreter (docs/architecture.md).

@@ -154,8 +154,14 @@ class SendGridWebhook:
                 break
         return batch
 
+    @property
+    def pending(self) -> int:
+        """Events reported and not yet taken by the webhook."""
+        with self._lock:
+            return self._pending
+
     async def drained(self, seconds: float = 60) -> None:
-        await until(lambda: self._pending == 0, "the SendGrid events to be posted", seconds)
+        await until(lambda: self.pending == 0, "the SendGrid events to be posted", seconds)
 
     def stop(self) -> None:
         self._stop.set()
