@@ -272,13 +272,24 @@ def dev(
         int | None,
         typer.Option(help="Temporal UI port (default: the Temporal port + 1000, so 8233)."),
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=16, help="Worker processes (they share the task queue).")
+    ] = 1,
 ) -> None:
-    """Run everything on the embedded default: Temporal dev server, one worker, the API."""
+    """Run everything on the embedded default: Temporal dev server, one worker, the API.
+
+    A child that dies is started again (after 1 s, doubling while it keeps dying, at most
+    30 s) on the same data; only Ctrl-C or SIGTERM stops the stack."""
     from devstack import DevStack, PortBusy
     from stackrecord import StackRecord, remove_record, write_record
 
+    def say(line: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False, soft_wrap=True)
+
     # The Temporal CLI's own rule (7233 -> 8233), so its default UI address is ours too.
-    stack = DevStack(data_dir, port, temporal_port, ui_port or temporal_port + 1000)
+    stack = DevStack(
+        data_dir, port, temporal_port, ui_port or temporal_port + 1000, workers=workers, say=say
+    )
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -310,8 +321,8 @@ def dev(
             f"logs in {data_dir / 'logs'}; Ctrl-C stops everything[/dim]"
         )
         while True:
-            stack.raise_if_a_child_died()
-            time.sleep(0.5)
+            stack.heal()
+            time.sleep(0.25)
     except KeyboardInterrupt:
         console.print("stopping..." if stopping else "\nstopping...")
     except PortBusy as exc:

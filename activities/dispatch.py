@@ -23,6 +23,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.outages import riding_out_outages
 from core.journeys import JourneyDefinition
 from core.observability import TRACE_HANDOFF_WINDOW, client_traces, continued_trace
 from core.runs import (
@@ -411,7 +412,9 @@ class TransitionDispatcher:
         heartbeats = asyncio.create_task(keep_heartbeating())
         try:
             while loop.time() < deadline:
-                counts = await self.dispatch_once(limit=request.batch_size)
+                counts = await riding_out_outages(
+                    lambda: self.dispatch_once(limit=request.batch_size), "dispatcher"
+                )
                 total.add(counts)
                 if counts.transitions == 0 and counts.skipped == 0:
                     await asyncio.sleep(request.poll_seconds)

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeats import heartbeating
 from activities.send_policy import frequency_cap_release, quiet_hours_end
 from core.db import session_scope
 from core.errors import NotFound
@@ -129,8 +130,11 @@ class MessagingActivities:
         Returns sent / skipped / failed / in_doubt / deferred. A provider that refused
         with 5xx / 429 or did not answer raises a retryable ApplicationError so Temporal
         retries with backoff; a permanent refusal is recorded and returned as failed.
+        Heartbeats while it runs, so an attempt whose worker died is retried within the
+        heartbeat timeout the journey gives it.
         """
-        return SendOnce(self, send).run()
+        with heartbeating():
+            return SendOnce(self, send).run()
 
 
 class SendOnce:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 
+from activities.outages import riding_out_outages
 from core import metrics
 from core.settings import Settings
 from core.tables import utcnow
@@ -29,6 +30,9 @@ from store.failures import FailureSubject, clear_failures, due_keys, record_fail
 log = logging.getLogger("journeys.realtime")
 
 PROCESS_REALTIME_ACTIVITY = "process_realtime"
+# How often the processor heartbeats: a quarter of the heartbeat timeout RealtimeWorkflow
+# gives it, so a beat that comes late still comes in time.
+HEARTBEAT_SECONDS = 2.5
 
 CustomerStep = Callable[[Connection, Sequence[str]], object]
 EventSink = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
@@ -121,15 +125,28 @@ class RealtimeActivities:
         result = RealtimeResult()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.run_seconds
-        while loop.time() < deadline:
-            activity.heartbeat(result.events)
-            events, customers = await asyncio.to_thread(self.process_batch, request.batch_size)
-            result.events += len(events)
-            result.customers += len(customers)
-            if events and self.event_sink is not None:
-                await self._deliver(events)
-            if len(events) < request.batch_size and len(customers) < request.batch_size:
-                await asyncio.sleep(self.settings.realtime_poll_seconds)
+
+        async def keep_heartbeating() -> None:
+            # A batch that outlasts the heartbeat timeout must not pass for a dead worker.
+            while True:
+                activity.heartbeat(result.events)
+                await asyncio.sleep(HEARTBEAT_SECONDS)
+
+        heartbeats = asyncio.create_task(keep_heartbeating())
+        try:
+            while loop.time() < deadline:
+                events, customers = await riding_out_outages(
+                    lambda: asyncio.to_thread(self.process_batch, request.batch_size),
+                    "real-time processor",
+                )
+                result.events += len(events)
+                result.customers += len(customers)
+                if events and self.event_sink is not None:
+                    await self._deliver(events)
+                if len(events) < request.batch_size and len(customers) < request.batch_size:
+                    await asyncio.sleep(self.settings.realtime_poll_seconds)
+        finally:
+            heartbeats.cancel()
         return result
 
     async def _deliver(self, events: Sequence[dict[str, Any]]) -> None:

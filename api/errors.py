@@ -13,11 +13,14 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.bounds import error_message, error_path
+from core.db import database_error_types, database_unavailable
 from core.errors import ErrorDetail, JourneysError
 
 log = logging.getLogger("journeys.api")
 
 _BODY_PREFIXES = ("body", "query", "path", "header")
+# What a 503 for an unavailable database asks the client to wait before it tries again.
+DATABASE_RETRY_AFTER_SECONDS = 1
 
 
 class ErrorDetailPublic(BaseModel):
@@ -105,6 +108,30 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
+
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        if not database_unavailable(exc):
+            raise exc  # a statement the database refused: a bug, for the catch-all below
+        # The client sends the request again; what it repeats (event ids, customer ids)
+        # is stored once, so a request that did commit before the cut does no harm.
+        log.warning("the database is unavailable: %s", exc)
+        return JSONResponse(
+            error_body(
+                [
+                    ErrorDetail(
+                        "database_unavailable",
+                        "the database is unavailable; try again after Retry-After seconds",
+                    )
+                ]
+            ),
+            status_code=503,
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
+
+    # Handled here, not by the catch-all below: Starlette re-raises what reaches that one
+    # after answering, and a lost connection is an outage to report, not a bug.
+    for database_error in database_error_types():
+        app.add_exception_handler(database_error, _database)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

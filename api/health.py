@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, Query, Request, Response
@@ -13,6 +14,8 @@ from sqlalchemy import text
 from api.boundary import PageLimit, resource_router
 from api.deps import SessionDep, require_role
 from core.cursors import decode_numeric_cursor, encode_cursor
+from core.settings import Settings
+from core.stack import ProcessState, StackState
 from store import failures as failure_store
 from store.keys import VerifiedKey
 
@@ -33,6 +36,11 @@ class Readiness(BaseModel):
     status: str
     database: str
     temporal: str
+    processes: dict[str, str] | None = Field(
+        None,
+        description="under `journeys dev`: each supervised process and whether it is up"
+        " (e.g. `restarting in 2 s (killed by SIGKILL)`)",
+    )
 
 
 @router.get("/healthz", response_model=Health)
@@ -59,15 +67,52 @@ async def _temporal_ok(request: Request) -> str:
         return f"unreachable: {type(exc).__name__}"
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+def _process_line(process: ProcessState, now: datetime) -> str:
+    if process.status == "up":
+        return "up"
+    if process.status == "starting":
+        return "starting" + (f" (after it was {process.last_exit})" if process.last_exit else "")
+    wait = max(0.0, (process.restart_at - now).total_seconds()) if process.restart_at else 0.0
+    return f"restarting in {wait:.0f} s ({process.last_exit})"
+
+
+def _supervised(settings: Settings) -> dict[str, str] | None:
+    """The processes `journeys dev` supervises, from its state file; None outside it."""
+    if not settings.dev_state_file:
+        return None
+    try:
+        state = StackState.model_validate_json(Path(settings.dev_state_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        return {"journeys dev": f"unknown: {type(exc).__name__} reading its state file"}
+    now = datetime.now(UTC)
+    return {process.name: _process_line(process, now) for process in state.processes}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    responses={503: {"model": Readiness}},
+)
 async def readyz(request: Request, response: Response) -> Readiness:
-    """The database and Temporal both answer (503 naming the one that does not)."""
+    """The database and Temporal both answer, and under `journeys dev` every process it
+    supervises is up (503 naming what is not)."""
     database = await asyncio.to_thread(_database_ok, request)
     temporal = await _temporal_ok(request)
-    ready = database == "ok" and temporal == "ok"
+    processes = _supervised(request.app.state.settings)
+    ready = (
+        database == "ok"
+        and temporal == "ok"
+        and all(line == "up" for line in (processes or {}).values())
+    )
     if not ready:
         response.status_code = 503
-    return Readiness(status="ready" if ready else "not ready", database=database, temporal=temporal)
+    return Readiness(
+        status="ready" if ready else "not ready",
+        database=database,
+        temporal=temporal,
+        processes=processes,
+    )
 
 
 class FailurePublic(BaseModel):

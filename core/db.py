@@ -185,6 +185,34 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=900)
 
 
+def database_error_types() -> tuple[type[Exception], ...]:
+    """The exceptions the store's drivers raise, wrapped by SQLAlchemy or not."""
+    import psycopg
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (SQLAlchemyError, psycopg.Error, sqlite3.Error)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached, dropped the connection or
+    kept it locked (asking again later can succeed), rather than refused a statement."""
+    import psycopg
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    # Pool exhausted; and errors of the drivers raised past SQLAlchemy (a raw COPY).
+    return isinstance(
+        exc,
+        sa_exc.TimeoutError
+        | psycopg.OperationalError
+        | psycopg.InterfaceError
+        | sqlite3.OperationalError,
+    )
+
+
 @lru_cache
 def get_engine() -> Engine:
     return make_engine(get_settings().resolved_database_url)

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     frequency_cap_action: str = "defer"
 
     temporal_cli_path: str = ""
+    # Set by `journeys dev` for its API: the file where it keeps its children's states,
+    # which /readyz reports.
+    dev_state_file: str = ""
 
     # Processes `journeys api` starts when --workers is not given.
     api_processes: int = Field(1, ge=1, le=64)

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, TimeoutType
 from temporalio.client import Client, WorkflowHandle
 
 from activities.messaging import MessagingActivities
@@ -46,7 +46,7 @@ from tests.utils.messaging import (
     provider_settings,
     run_events,
 )
-from workflows.journey import SEND_TIMEOUT, JourneyWorkflow
+from workflows.journey import SEND_HEARTBEAT_TIMEOUT, SEND_TIMEOUT, JourneyWorkflow
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,7 +117,16 @@ async def _wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.slow
+async def _send_attempts(handle: WorkflowHandle[Any, Any]) -> list[Any]:
+    """The send's ActivityTaskStarted events: the attempt and the failure before it."""
+    history = await handle.fetch_history()
+    return [
+        e.activity_task_started_event_attributes
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+    ]
+
+
 async def test_worker_killed_after_the_provider_call_sends_once_and_resolves(
     sqlite_engine: Engine, stub: ProviderStub, dev_server_env: Any, tmp_path: Path
 ) -> None:
@@ -159,15 +168,23 @@ async def test_worker_killed_after_the_provider_call_sends_once_and_resolves(
         settings = provider_settings(stub, database_url=database_url)
         messaging = MessagingActivities(engine=sqlite_engine, settings=settings)
         async with journey_worker(client, sqlite_engine, messaging, task_queue=task_queue):
-            # Nothing tells Temporal the worker died: the attempt runs out the journey's
-            # start-to-close timeout for sends, then this worker takes the retry.
-            final = await _result(handle, within=SEND_TIMEOUT + timedelta(minutes=1))
+            # Nothing tells Temporal the worker died: its heartbeats stop, the attempt
+            # runs out the send's heartbeat timeout, and this worker takes the retry.
+            final = await _result(handle, within=SEND_HEARTBEAT_TIMEOUT + timedelta(seconds=50))
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
 
     assert final.status == "completed"
+    # The dead attempt ended by its heartbeat timeout (seconds), not by the send's
+    # start-to-close timeout (minutes). Temporal records only the attempt that finished.
+    [retry] = await _send_attempts(handle)
+    assert retry.attempt == 2
+    assert (
+        retry.last_failure.timeout_failure_info.timeout_type == TimeoutType.TIMEOUT_TYPE_HEARTBEAT
+    )
+    assert SEND_HEARTBEAT_TIMEOUT <= SEND_TIMEOUT / 4
     assert len(stub.of_path("/v3/mail/send")) == 1
     [row] = message_rows(sqlite_engine)
     assert row["status"] == "in_doubt"
@@ -279,3 +296,29 @@ async def test_frequency_cap_defers_on_a_durable_timer(
     ]
     assert len(stub.of_path("/v3/mail/send")) == 2
     assert [row["status"] for row in message_rows(sqlite_engine)] == ["sent", "sent"]
+
+
+async def test_a_send_slower_than_its_heartbeat_timeout_is_not_cut_short(
+    sqlite_engine: Engine, dev_server_env: Any
+) -> None:
+    # The provider answers after longer than the heartbeat timeout: the send's own
+    # heartbeats keep the attempt alive, so it is sent once, by its first attempt, and not
+    # left in doubt by a second attempt started beside it.
+    server = ProviderStub(delay_seconds=SEND_HEARTBEAT_TIMEOUT.total_seconds() + 2).start()
+    try:
+        client = client_for(dev_server_env)
+        customer_id = f"c-{uuid.uuid4().hex[:8]}"
+        add_customer(sqlite_engine, customer_id)
+        settings = provider_settings(server, provider_timeout_seconds=60.0)
+        messaging = MessagingActivities(engine=sqlite_engine, settings=settings)
+        journey = _journey(("welcome", "champions/welcome.html"))
+        async with journey_worker(client, sqlite_engine, messaging) as task_queue:
+            handle = await _start(client, dev_server_env, journey, customer_id, task_queue)
+            final = await _result(handle)
+        [started] = await _send_attempts(handle)
+    finally:
+        server.stop()
+    assert final.status == "completed"
+    assert started.attempt == 1
+    assert len(server.of_path("/v3/mail/send")) == 1
+    assert [row["status"] for row in message_rows(sqlite_engine)] == ["sent"]

@@ -48,7 +48,9 @@ class DispatcherWorkflow:
                 stint,
                 result_type=DispatchCounts,
                 start_to_close_timeout=timedelta(seconds=stint.run_for_seconds + 300),
-                heartbeat_timeout=timedelta(seconds=30),
+                # The dispatcher heartbeats every 5 s: a dead worker's dispatcher is
+                # taken up by another worker within 10 s.
+                heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=DISPATCH_RETRY,
             )
             self._totals.add(counts)

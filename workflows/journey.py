@@ -54,6 +54,10 @@ with workflow.unsafe.imports_passed_through():
     )
 
 SEND_TIMEOUT = timedelta(minutes=2)
+# The send heartbeats (activities/heartbeats.py): an attempt whose worker died is retried
+# after this, not after SEND_TIMEOUT, while a slow but live attempt is never cut short
+# (which would start a second attempt beside it and leave the send in doubt).
+SEND_HEARTBEAT_TIMEOUT = timedelta(seconds=10)
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
@@ -305,6 +309,7 @@ class JourneyWorkflow:
                 ),
                 result_type=SendMessageResult,
                 start_to_close_timeout=SEND_TIMEOUT,
+                heartbeat_timeout=SEND_HEARTBEAT_TIMEOUT,
                 retry_policy=SEND_RETRY,
             )
             if result.status != "deferred":

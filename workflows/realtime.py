@@ -22,7 +22,9 @@ class RealtimeWorkflow:
             request,
             result_type=RealtimeResult,
             start_to_close_timeout=timedelta(seconds=request.run_seconds + 600),
-            heartbeat_timeout=timedelta(seconds=30),
+            # The processor heartbeats every 2.5 s: the processor of a worker that died
+            # is taken up by another worker (or the same one, restarted) within 10 s.
+            heartbeat_timeout=timedelta(seconds=10),
             retry_policy=RetryPolicy(
                 initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
             ),

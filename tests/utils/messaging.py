@@ -53,11 +53,16 @@ class ProviderStub:
     """A stub of SendGrid's `POST /v3/mail/send` and Twilio's Messages API.
 
     `decide(request)` returns the status to answer (default 202 / 201). Every request is
-    kept; `accepted` counts, per idempotency key, the requests answered with success.
+    kept; `accepted` counts, per idempotency key, the requests answered with success, as
+    soon as they arrive: an answer delayed (`delay_seconds`, `delay_for(request)`) past
+    the client's timeout is a message the provider took. `on_accept(request, key)` hears
+    of each (the SendGrid event webhook of tests/utils/cluster.py).
     """
 
     decide: Callable[[StubRequest], int] | None = None
     delay_seconds: float = 0.0
+    delay_for: Callable[[StubRequest], float] | None = None
+    on_accept: Callable[[StubRequest, str], None] | None = None
     requests: list[StubRequest] = field(default_factory=list)
     accepted: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -102,14 +107,17 @@ class ProviderStub:
         with self.lock:
             if self.keep_requests:
                 self.requests.append(request)
-        if self.delay_seconds:
-            time.sleep(self.delay_seconds)
         twilio = "/Messages.json" in request.path
         status = self.decide(request) if self.decide else (201 if twilio else 202)
         key = _key_of(request, twilio)
         if 200 <= status < 300:
             with self.lock:
                 self.accepted[key] += 1
+            if self.on_accept is not None:
+                self.on_accept(request, key)
+        delay = self.delay_seconds + (self.delay_for(request) if self.delay_for else 0.0)
+        if delay:
+            time.sleep(delay)
         if twilio and 200 <= status < 300:
             sid = "SM" + uuid.uuid4().hex
             body = json.dumps(
