@@ -832,7 +832,7 @@ class CampaignCache:
 
     def __init__(self, engine: Engine, *, check_seconds: float = 1.0):
         self._engine = engine
-        self._check_seconds = check_seconds
+        self.check_seconds = check_seconds
         self._live: dict[str, LiveCampaign | tuple[float, NotFound]] = {}
         self._refreshing: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -847,7 +847,7 @@ class CampaignCache:
         if not isinstance(entry, LiveCampaign):
             return None
         now = time.monotonic()
-        if now - entry.checked_at < self._check_seconds:
+        if now - entry.checked_at < self.check_seconds:
             return entry
         started = self._refreshing.get(slug)
         if started is not None and now - started < self.REFRESH_GRACE:
@@ -859,9 +859,9 @@ class CampaignCache:
         """The campaign as decisions should use it now; NotFound for an unknown slug."""
         entry = self._live.get(slug)
         now = time.monotonic()
-        if isinstance(entry, LiveCampaign) and now - entry.checked_at < self._check_seconds:
+        if isinstance(entry, LiveCampaign) and now - entry.checked_at < self.check_seconds:
             return entry
-        if isinstance(entry, tuple) and now - entry[0] < self._check_seconds:
+        if isinstance(entry, tuple) and now - entry[0] < self.check_seconds:
             raise entry[1]
         try:
             if conn is None:
@@ -874,7 +874,7 @@ class CampaignCache:
     def _refresh(self, conn: Connection, slug: str, entry: Any, now: float) -> LiveCampaign:
         with self._lock:  # one rebuild at a time; the others then find it fresh
             current = self._live.get(slug)
-            if isinstance(current, LiveCampaign) and now - current.checked_at < self._check_seconds:
+            if isinstance(current, LiveCampaign) and now - current.checked_at < self.check_seconds:
                 return current
             try:
                 if (
