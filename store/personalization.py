@@ -399,15 +399,25 @@ def _reads_the_clock(condition: Condition) -> bool:
     return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DriverStatement:
     """SQL in the driver's own parameter style, and the parameters besides the customer:
-    a list with a None where the customer goes (SQLite, `?`) or a dict (psycopg)."""
+    a list with a None where the customer goes (SQLite, `?`) or a dict (psycopg).
+    `many_sql` (psycopg) reads many customers at once, each row led by the customer's id
+    (`decide_customers`: a list of ids). Compared by identity: a batch of decisions is
+    read with one compiled statement."""
 
     sql: str
     positional: list[Any] | None
     customer_at: int
     named: dict[str, Any] | None
+    many_sql: str | None = None
+
+    def call_many(self, customer_ids: list[str]) -> tuple[str, dict[str, Any]]:
+        """(sql, parameters) for many customers (psycopg)."""
+        if self.many_sql is None:
+            raise ValueError("this statement reads one customer at a time")
+        return self.many_sql, {**(self.named or {}), "decide_customers": customer_ids}
 
     def call(self, customer_id: str) -> tuple[str, Any]:
         """(sql, parameters) for one customer."""
@@ -455,11 +465,8 @@ class DecisionStatement:
             )
             cases.append(f"WHEN {compiled.sql} THEN {index}")
             params.update(compiled.params)
-        sql = (
-            "SELECT c.email, c.phone, c.attributes,"
-            f" CASE {' '.join(cases)} ELSE -1 END AS matched"
-            " FROM customers c WHERE c.id = :decide_customer"
-        )
+        columns = f"c.email, c.phone, c.attributes, CASE {' '.join(cases)} ELSE -1 END AS matched"
+        sql = f"SELECT {columns} FROM customers c WHERE c.id = :decide_customer"
         compiled_sql = text(sql).compile(dialect=self.dialect)
         order = compiled_sql.positiontup
         if order:  # a positional driver (SQLite's qmark)
@@ -469,8 +476,13 @@ class DecisionStatement:
                 customer_at=order.index("decide_customer"),
                 named=None,
             )
+        many = f"SELECT c.id, {columns} FROM customers c WHERE c.id = ANY(:decide_customers)"
         return DriverStatement(
-            sql=compiled_sql.string, positional=None, customer_at=-1, named=params
+            sql=compiled_sql.string,
+            positional=None,
+            customer_at=-1,
+            named=params,
+            many_sql=text(many).compile(dialect=self.dialect).string,
         )
 
 
@@ -612,9 +624,13 @@ class DecisionReader:
     decision costs the driver's execute and nothing else (measured on SQLite: 15 us
     where a pooled SQLAlchemy connection and `execute` cost 120 us).
 
-    PostgreSQL: asynchronous psycopg connections in autocommit (a decision is one round
-    trip; psycopg prepares the statement after its fifth run on a connection), read on
-    the event loop.
+    PostgreSQL: asynchronous psycopg connections in autocommit, read on the event loop,
+    in batches: the decisions that wait for a statement while its previous batch is
+    read go together in the next one (`WHERE c.id = ANY(...)`), one batch of a statement
+    in flight at a time. A round trip through psycopg cost 120 us of API CPU and the
+    server 40 us more than the bare one-row read; a batch shares both among its
+    decisions, and waits no longer than one round trip to form. psycopg prepares the
+    statement after its fifth run on a connection.
 
     SQLite: connections of a dedicated engine (tuned as every other, see `core.db`), made
     read-only (`query_only`), read on the event loop too. A hand-off to the thread pool
@@ -641,6 +657,8 @@ class DecisionReader:
         self._lock = threading.Lock()
         self._async_idle: list[Any] = []
         self._async_waiters: deque[asyncio.Future[Any]] = deque()
+        self._batches: dict[DriverStatement, list[tuple[str, asyncio.Future[Any]]]] = {}
+        self._pumps: dict[DriverStatement, asyncio.Task[None]] = {}
 
     async def read(self, statement: DriverStatement, customer_id: str) -> Sequence[Any] | None:
         """The customer's row as the decision statement reads it, or None (see above for
@@ -715,22 +733,68 @@ class DecisionReader:
             fairy.invalidate()
 
     # -- PostgreSQL, on the event loop --
+    MAX_BATCH = 500
+
     async def fetch_async(
         self, statement: DriverStatement, customer_id: str
     ) -> Sequence[Any] | None:
-        """`fetch` on an asynchronous psycopg connection."""
+        """`read` on PostgreSQL: joins the statement's next batch."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Sequence[Any] | None] = loop.create_future()
+        self._batches.setdefault(statement, []).append((customer_id, future))
+        if statement not in self._pumps:
+            # Started at the loop's next turn: what arrives meanwhile joins the batch.
+            self._pumps[statement] = loop.create_task(self._pump(statement))
+        return await future
+
+    async def _pump(self, statement: DriverStatement) -> None:
+        """Read the statement's waiting decisions, batch after batch, until none wait."""
+        try:
+            while waiting := self._batches.pop(statement, None):
+                if len(waiting) > self.MAX_BATCH:
+                    self._batches[statement] = waiting[self.MAX_BATCH :] + self._batches.get(
+                        statement, []
+                    )
+                    waiting = waiting[: self.MAX_BATCH]
+                try:
+                    rows = await self._fetch_many(
+                        statement, list(dict.fromkeys(c for c, _ in waiting))
+                    )
+                except BaseException as exc:
+                    for _, future in waiting:
+                        if future.done():
+                            continue
+                        if isinstance(exc, Exception):
+                            future.set_exception(exc)
+                        else:
+                            future.cancel()
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                found = {row[0]: row[1:] for row in rows}
+                for customer_id, future in waiting:
+                    if not future.done():
+                        future.set_result(found.get(customer_id))
+        finally:
+            self._pumps.pop(statement, None)
+            for _, future in self._batches.pop(statement, []):  # only when cancelled
+                future.cancel()
+
+    async def _fetch_many(
+        self, statement: DriverStatement, customer_ids: list[str]
+    ) -> list[Sequence[Any]]:
         conn = await self._async_checkout()
         try:
-            sql, params = statement.call(customer_id)
+            sql, params = statement.call_many(customer_ids)
             cursor = await conn.execute(sql, params)
-            row = await cursor.fetchone()
+            rows = await cursor.fetchall()
         except BaseException:
             self._open -= 1
             with contextlib.suppress(Exception):
                 await conn.close()
             raise
         self._async_checkin(conn)
-        return row
+        return rows
 
     async def _async_checkout(self) -> Any:
         if self._async_idle:
@@ -761,6 +825,8 @@ class DecisionReader:
 
     async def aclose(self) -> None:
         """Close every connection (the API's shutdown)."""
+        for pump in list(self._pumps.values()):
+            pump.cancel()
         while self._async_idle:
             with contextlib.suppress(Exception):
                 await self._async_idle.pop().close()
