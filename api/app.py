@@ -19,6 +19,7 @@ from api.deps import KeyCache, TemporalConnector
 from api.errors import ErrorBody, install_error_handlers
 from api.limits import BodySizeLimit
 from api.observability import HttpMetrics
+from api.personalizations import DecideFastPath
 from core.db import make_engine
 from core.journeys import JourneyDefinition
 from core.migrate import migrate
@@ -90,6 +91,9 @@ def create_app(
     app.state.campaigns = CampaignCache(engine)
     app.state.view_writer = ViewWriter(engine)
     app.state.decision_reader = DecisionReader(engine)
+    app.state.decide_fast_path = True
+    # Innermost of ours: BrowserCors wraps its answers as the route's.
+    app.add_middleware(DecideFastPath, state=app.state)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         BrowserCors, origins=settings.cors_origin_list, campaigns=app.state.campaigns

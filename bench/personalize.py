@@ -23,7 +23,14 @@ For SQLite and for a fresh PostgreSQL database:
    counted once they settle (the writer flushes every half second) and again after the
    API has shut down (its writer stores what waits): stored minus answered is the
    requests still in flight when wrk stopped (at most the connections), never negative.
-4. A final table: figure, product, ceiling, ratio, target, met?
+4. Analytics at full size, on a server of its own once the decisions' views are counted:
+   every customer is given a view (the experience their memberships and control bucket
+   give), a fifth a Purchase after it and everyone two events of other names; then
+   `GET .../analytics` is timed three times beside the time to count the rows it reads
+   (the version's view rows and every Purchase), and its viewers and conversions are
+   checked against what was written. The issue sets no target: it must not be quadratic
+   (a plan that was took minutes at 100,000 viewers on SQLite).
+5. A final table: figure, product, ceiling, ratio, target, met?
 
 Targets: >= 3,000 decisions/s at p99 <= 20 ms, and >= 80% of the bare handler's rate.
 """
@@ -45,7 +52,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +85,9 @@ TARGET_RATIO = 0.8
 # --- the store -----------------------------------------------------------------------------
 
 
-def populate(store: Store, customers: int, seed: int = 15) -> str:
-    """Customers, label memberships, the seed's campaign (active); returns a web key."""
+def populate(store: Store, customers: int, seed: int = 15) -> tuple[str, str]:
+    """Customers, label memberships, the seed's campaign (active); returns a web key and
+    a support key (analytics)."""
     from core.db import make_engine
     from core.rfm import RfmModelCreate
     from core.tables import Customer, SegmentMembership
@@ -138,13 +146,14 @@ def populate(store: Store, customers: int, seed: int = 15) -> str:
             install_shipped_campaigns(conn, activate=True)
         with Session(engine) as session:
             _, secret = create_key(session, role="web", name="bench storefront")
+            _, support = create_key(session, role="support", name="bench analytics")
             session.commit()
         with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 conn.execute(text("ANALYZE"))
             else:
                 conn.execute(text("ANALYZE"))
-        return secret
+        return secret, support
     finally:
         engine.dispose()
 
@@ -170,6 +179,148 @@ def settled_views(store: Store) -> int:
         if now != last:
             last, stable_since = now, time.monotonic()
     return last
+
+
+# --- analytics -------------------------------------------------------------------------------
+
+
+def add_every_viewer(store: Store, customers: int, seed: int = 16) -> tuple[int, int]:
+    """A view of the active version for every customer (the experience populate's
+    memberships and the control buckets give; merged into the rows the decisions wrote,
+    whose earlier first views stay first), a Purchase after it for a fifth of them and
+    two events of other names each. Returns (viewers, purchases)."""
+    from core.db import make_engine
+    from core.personalization import CONTROL, DEFAULT, bucket_of
+    from core.tables import Event
+    from store.personalization import ViewRecord, load_live_campaign, record_views
+
+    rng = random.Random(seed)
+    engine = make_engine(store.product_url)
+    try:
+        with engine.connect() as conn:
+            live = load_live_campaign(conn, slug=CAMPAIGN)
+        names = {e.segment: e.name for e in live.definition.experiences}
+        viewed = datetime.now(UTC) - timedelta(minutes=30)
+        bought = datetime.now(UTC) - timedelta(seconds=1)
+        views, events = [], []
+        purchases = 0
+        for i in range(customers):
+            customer = f"c-{i}"
+            label = i % 6
+            audience = names[f"default:{LABELS[label]}"] if label < len(LABELS) else None
+            bucket = bucket_of(CAMPAIGN, customer)
+            experience = audience or DEFAULT
+            if audience is not None and bucket < live.threshold:
+                experience = CONTROL
+            views.append(
+                ViewRecord(CAMPAIGN, live.version, customer, experience, audience, bucket, viewed)
+            )
+            kinds = ["Viewed Product", "Added to Cart"]
+            if rng.random() < 0.2:
+                kinds.append("Purchase")
+                purchases += 1
+            for n, name in enumerate(kinds):
+                events.append(
+                    {
+                        "event_id": f"bench-{customer}-{n}",
+                        "customer_id": customer,
+                        "name": name,
+                        "occurred_at": bought - timedelta(seconds=rng.random() * 600),
+                        "properties": {"total_price": rng.randrange(5, 500)},
+                        "received_at": bought,
+                        "realtime_pending": False,
+                    }
+                )
+        with engine.begin() as conn:
+            for start in range(0, len(views), 20_000):
+                record_views(conn, views=views[start : start + 20_000])
+            for start in range(0, len(events), 20_000):
+                conn.execute(insert(Event.__table__), events[start : start + 20_000])
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE"))
+        return customers, purchases
+    finally:
+        engine.dispose()
+
+
+def read_everything_once(store: Store) -> float:
+    """Seconds to count the rows analytics read (the version's view rows, every
+    Purchase): the ceiling of the analytics figure."""
+    from core.db import make_engine
+
+    engine = make_engine(store.product_url)
+    try:
+        with engine.connect() as conn:
+            started = time.perf_counter()
+            conn.execute(
+                text(
+                    "SELECT COUNT(DISTINCT customer_id), SUM(views) FROM personalization_views"
+                    " WHERE campaign_slug = :slug"
+                ),
+                {"slug": CAMPAIGN},
+            ).one()
+            conn.execute(
+                text(
+                    "SELECT COUNT(*), SUM(LENGTH(customer_id)) FROM events WHERE name = 'Purchase'"
+                )
+            ).one()
+            return time.perf_counter() - started
+    finally:
+        engine.dispose()
+
+
+def time_analytics(server: Server, support: str) -> tuple[float, dict[str, Any]]:
+    """Seconds `GET .../analytics` took, and its answer."""
+    import httpx
+
+    started = time.perf_counter()
+    response = httpx.get(
+        f"{server.base_url}/v1/personalizations/{CAMPAIGN}/analytics",
+        headers={"Authorization": f"Bearer {support}"},
+        timeout=1_800,
+    )
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed, response.json()
+
+
+def bench_analytics(
+    store: Store, server: Server, support: str, args: argparse.Namespace, report: Report, label: str
+) -> None:
+    viewers, purchases = add_every_viewer(store, args.customers)
+    say(f"{label}: every customer viewed, {purchases:,} purchases; timing analytics")
+    runs, ceilings = [], []
+    answer: dict[str, Any] = {}
+    for _ in range(3):
+        ceilings.append(read_everything_once(store))
+        elapsed, answer = time_analytics(server, support)
+        runs.append(elapsed)
+    seen = sum(e["viewers"] + e["control"]["viewers"] for e in answer["experiences"])
+    seen += answer["default"]["viewers"]
+    converted = sum(e["conversions"] + e["control"]["conversions"] for e in answer["experiences"])
+    converted += answer["default"]["conversions"]
+    say(
+        f"{label}: analytics {', '.join(f'{r:.2f}' for r in runs)} s; counting the rows"
+        f" {', '.join(f'{c:.2f}' for c in ceilings)} s; viewers {seen:,}, conversions"
+        f" {converted:,}"
+    )
+    report.add(
+        Row(
+            f"analytics {label}, {viewers:,} viewers (median of 3)",
+            _median(runs) * 1000,
+            _median(ceilings) * 1000,
+            "counting the rows it reads",
+            None,
+            lower_is_better=True,
+            unit="ms",
+        )
+    )
+    ok = seen == viewers and converted == purchases
+    report.checks.append(
+        f"{'ok' if ok else 'WRONG COUNT'}: {label}: analytics counted {seen:,} viewers"
+        f" ({viewers:,} customers viewed) and {converted:,} conversions ({purchases:,}"
+        " customers bought once after their first view)"
+    )
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -276,7 +427,7 @@ def _line(name: str, run: Run) -> str:
 def bench_store(store: Store, args: argparse.Namespace, workdir: Path, report: Report) -> None:
     workers = args.workers
     say(f"{store.kind}: loading {args.customers:,} customers and the seed's campaign")
-    secret = populate(store, args.customers)
+    secret, support = populate(store, args.customers)
     auth = f"Bearer {secret}"
     label = f"{store.kind}, {workers} worker{'s' if workers > 1 else ''}"
     decide = f"/v1/personalizations/{CAMPAIGN}/decide"
@@ -370,6 +521,13 @@ def bench_store(store: Store, args: argparse.Namespace, workdir: Path, report: R
         f" stopped, at most {args.wrk_connections}); all views {after_stop - before:,} after"
         f" the API stopped, {settled - before:,} before it stopped"
     )
+    if args.analytics:
+        # Its own server, once the decisions' views are counted: it adds views.
+        analytics_server = start_product(store, workers, workdir)
+        try:
+            bench_analytics(store, analytics_server, support, args, report, store.kind)
+        finally:
+            analytics_server.stop()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -387,6 +545,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="turns of bare then product per store (3)"
+    )
+    parser.add_argument(
+        "--no-analytics",
+        dest="analytics",
+        action="store_false",
+        help="skip timing analytics with every customer a viewer",
     )
     parser.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip SQLite")
     parser.add_argument(

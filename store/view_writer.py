@@ -5,12 +5,15 @@ A decision costs its request a `deque.append`; a writer thread wakes every
 per (campaign, version, customer, experience) and upserts them in one transaction
 (`store.personalization.record_views`). A batch whose write fails is kept and tried again
 with the next one; failing twice, it is dropped and the log says how many views were
-lost. Closing the writer (the API's shutdown) writes what is left. A process killed
-outright loses the views of at most its last interval, which the log cannot tell.
+lost. Closing the writer (the API's shutdown) writes what is left. A process that ends
+without closing it (an unhandled error, `sys.exit`) logs at exit how many views it had
+not stored; one killed outright (SIGKILL, out of memory) loses the views of at most its
+last interval, which no log can tell.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -62,17 +65,29 @@ class ViewWriter:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="view writer", daemon=True)
         self._thread.start()
+        atexit.register(self._log_unstored)
 
     def close(self) -> None:
         """Write what waits, then stop the thread."""
         if self._thread is None:
             return
+        atexit.unregister(self._log_unstored)
         self._stopping = True
         self._wake.set()
         self._thread.join()
         self._thread = None
         if self.stored or self.lost:
             log.info("view writer closed: %d views stored, %d lost", self.stored, self.lost)
+
+    def _log_unstored(self) -> None:
+        """At interpreter exit, when the writer was never closed: what it still held."""
+        waiting = sum(v.views for v in self._pending) + sum(v.views for v in self._retry)
+        if waiting:
+            log.error(
+                "lost %d views of personalisation campaigns: the process ended before its"
+                " view writer stored them",
+                waiting,
+            )
 
     def record(self, view: ViewRecord) -> None:
         self._pending.append(view)

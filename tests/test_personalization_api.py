@@ -527,3 +527,35 @@ def test_closing_the_writer_stores_what_waits(store_engine) -> None:
     writer.close()
     with store_engine.connect() as conn:
         assert count_views(conn, slug="home") == 250
+
+
+def test_a_process_that_ends_without_closing_its_writer_logs_what_it_lost(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import logging, sys
+from datetime import UTC, datetime
+from core.db import make_engine
+from core.migrate import migrate
+from store.personalization import ViewRecord
+from store.view_writer import ViewWriter
+logging.basicConfig(level=logging.INFO)
+engine = make_engine("sqlite:///{tmp_path / "crash.db"}")
+migrate(engine)
+writer = ViewWriter(engine, flush_seconds=60)
+writer.open()
+at = datetime(2026, 11, 1, tzinfo=UTC)
+writer.record_many([ViewRecord("home", 1, f"c{{i}}", "VIP", "VIP", 9_000, at) for i in range(7)])
+raise SystemExit("an unhandled error ends the process")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "lost 7 views of personalisation campaigns" in done.stderr

@@ -5,10 +5,13 @@ first view, the value property, lift over the control of the same audience)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from sqlalchemy import inspect, text
 
@@ -565,6 +568,32 @@ async def test_the_decision_reader_reads_what_the_statement_reads(store_engine) 
         for customer in (vip, held, "stranger"):
             row = await reader.read(statement, customer)
             assert live.decide_row(customer, row) == _decide(store_engine, customer)
+        # at once (PostgreSQL reads them in batches), repeats and strangers among them
+        many = [vip, "stranger", held, vip, f"x-{vip}", held] * 20
+        batches: list[list[str]] = []
+        fetch_many = reader._fetch_many
+
+        async def counted(statement, ids):  # noqa: ANN001, ANN202
+            batches.append(ids)
+            return await fetch_many(statement, ids)
+
+        reader._fetch_many = counted
+        rows = await asyncio.gather(*(reader.read(statement, c) for c in many))
+        if store_engine.dialect.name == "postgresql":
+            assert len(batches) < len(many) and sorted(batches[0]) == sorted(set(many))
+        assert [live.decide_row(c, row) for c, row in zip(many, rows, strict=True)] == [
+            _decide(store_engine, c) for c in many
+        ]
+        if store_engine.dialect.name == "postgresql":
+            # a batch that fails fails each of its reads, and the next batch is read again
+            broken = dataclasses.replace(statement, many_sql="SELECT no_such_column")
+            failed = await asyncio.gather(
+                *(reader.read(broken, c) for c in many[:5]), return_exceptions=True
+            )
+            assert all(isinstance(f, psycopg.errors.UndefinedColumn) for f in failed)
+            assert live.decide_row(vip, await reader.read(statement, vip)) == _decide(
+                store_engine, vip
+            )
         if store_engine.dialect.name == "sqlite":
             # the slow path waits as every connection does, then the loop's short wait again
             reader.fetch(statement, vip, patient=True)
