@@ -96,7 +96,7 @@ async def _kill_workers(
 
 @pytest.mark.parametrize(
     ("customers", "kills"),
-    [pytest.param(100, 3, id="short"), pytest.param(1000, 15, id="full", marks=FULL)],
+    [pytest.param(50, 2, id="short"), pytest.param(1000, 15, id="full", marks=FULL)],
 )
 async def test_workers_killed_again_and_again_mid_journey(
     tmp_path: Path, dev_server_env: Any, customers: int, kills: int
@@ -157,7 +157,7 @@ async def _kill_temporal(
 
 @pytest.mark.parametrize(
     ("customers", "kills"),
-    [pytest.param(60, 1, id="short"), pytest.param(1000, 3, id="full", marks=FULL)],
+    [pytest.param(40, 1, id="short"), pytest.param(1000, 3, id="full", marks=FULL)],
 )
 async def test_temporal_killed_and_restarted_on_its_file_mid_journey(
     tmp_path: Path, customers: int, kills: int
@@ -201,7 +201,7 @@ def _timeline_kinds(engine: Engine, journey: str) -> Counter[str]:
 
 @pytest.mark.parametrize(
     "customers",
-    [pytest.param(100, id="short"), pytest.param(1000, id="full", marks=FULL)],
+    [pytest.param(50, id="short"), pytest.param(1000, id="full", marks=FULL)],
 )
 async def test_provider_failing_and_timing_out(
     tmp_path: Path, dev_server_env: Any, customers: int
@@ -323,7 +323,7 @@ async def _last_attempt(handle: WorkflowHandle[Any, Any]) -> int:
 @pytest.mark.parametrize(
     ("customers", "batches", "batch_size", "journeys"),
     [
-        pytest.param(2000, 5, 1000, 40, id="short"),
+        pytest.param(1000, 3, 500, 20, id="short"),
         pytest.param(20_000, 20, 5000, 1000, id="full", marks=FULL),
     ],
 )

@@ -21,6 +21,7 @@ from tests.utils.cluster import (
     TWO_EMAILS,
     Answers,
     add_customers,
+    all_executions_closed,
     all_runs_ended,
     chunks,
     cluster,
@@ -40,7 +41,7 @@ async def _push(api: Any, segment: str, ids: list[str], answers: Answers) -> Non
 
 
 @pytest.mark.parametrize(
-    "entries", [pytest.param(200, id="short"), pytest.param(2000, id="full", marks=FULL)]
+    "entries", [pytest.param(100, id="short"), pytest.param(2000, id="full", marks=FULL)]
 )
 async def test_two_workers_and_two_api_processes_run_every_journey_once(
     postgres_engine: Engine, tmp_path: Path, entries: int
@@ -64,6 +65,7 @@ async def test_two_workers_and_two_api_processes_run_every_journey_once(
                 _push(second, "scale-crm", ids[1::2], answers["api-2"]),
             )
             await all_runs_ended(engine, "scale", entries, seconds=120 + entries / 2)
+            await all_executions_closed(c.temporal_address, c.task_queue, seconds=60)
         await c.webhook.drained()
         counted = count_sends(c.stub, engine, "scale")
         histories = await journey_histories(c.temporal_address, c.task_queue)

@@ -613,6 +613,23 @@ class Histories:
     send_workers: Counter[str] = field(default_factory=Counter)
 
 
+async def all_executions_closed(address: str, task_queue: str, seconds: float) -> None:
+    """Wait until Temporal has closed every journey execution on `task_queue`: the store
+    marks a run ended in its last activity, a moment before its workflow completes."""
+    from temporalio.client import Client
+
+    client = await Client.connect(address)
+    query = (
+        f"TaskQueue = '{task_queue}' AND WorkflowType = 'JourneyWorkflow'"
+        " AND ExecutionStatus = 'Running'"
+    )
+    deadline = time.monotonic() + seconds
+    while (await client.count_workflows(query)).count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for the executions on {task_queue} to close")
+        await asyncio.sleep(0.5)
+
+
 async def journey_histories(address: str, task_queue: str) -> Histories:
     from temporalio.api.enums.v1 import EventType, TimeoutType
     from temporalio.client import Client
