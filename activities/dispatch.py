@@ -23,6 +23,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from core.db import sqlite_writer_role
 from core.journeys import JourneyDefinition
 from core.runs import (
     DISPATCH_TRANSITIONS_ACTIVITY,
@@ -382,6 +383,7 @@ class TransitionDispatcher:
     async def dispatch_transitions(self, request: DispatchTransitionsInput) -> DispatchCounts:
         """Dispatch transitions for `run_for_seconds`, heartbeating, then return."""
         total = DispatchCounts()
+        sqlite_writer_role.set("dispatcher")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.run_for_seconds
         self.task_queue = request.task_queue

@@ -20,7 +20,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.send_policy import frequency_cap_release, quiet_hours_end
-from core.db import session_scope
+from core.db import session_scope, sqlite_writer_role
 from core.errors import NotFound
 from core.journeys import FrequencyCap
 from core.messages import SEND_MESSAGE_ACTIVITY, SendMessageInput, SendMessageResult
@@ -130,7 +130,11 @@ class MessagingActivities:
         with 5xx / 429 or did not answer raises a retryable ApplicationError so Temporal
         retries with backoff; a permanent refusal is recorded and returned as failed.
         """
-        return SendOnce(self, send).run()
+        role = sqlite_writer_role.set("send")
+        try:
+            return SendOnce(self, send).run()
+        finally:
+            sqlite_writer_role.reset(role)
 
 
 class SendOnce:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 
+from core.db import sqlite_writer_role
 from core.settings import Settings
 from core.tables import utcnow
 from store.customers import claim_pending_customers
@@ -113,6 +114,7 @@ class RealtimeActivities:
     @activity.defn(name=PROCESS_REALTIME_ACTIVITY)
     async def process_realtime(self, request: RealtimeInput) -> RealtimeResult:
         result = RealtimeResult()
+        sqlite_writer_role.set("realtime")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.run_seconds
         while loop.time() < deadline:

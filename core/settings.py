@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     # How long a SQLite statement waits for another process's write lock before
     # "database is locked": the API and the worker overlap, so writers queue.
     sqlite_busy_timeout_ms: int = Field(60_000, ge=0)
+    # A directory: each process writes its SQLite write-lock waits there (bench/realtime.py).
+    sqlite_lock_stats: str = ""
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     temporal_ui_url: str = "http://127.0.0.1:8233"
