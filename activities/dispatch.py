@@ -1,9 +1,9 @@
 """The transition dispatcher: segment entries and exits from the outbox into journey runs.
 
-Entries become signal-with-start of `JourneyWorkflow` (id `journey:{slug}:{customer}`),
-so a customer already running a journey only gets a no-op signal. A transition is
-marked dispatched only after Temporal accepted everything it asked for; a crash in
-between re-sends it, which signal-with-start makes harmless.
+Entries start `JourneyWorkflow` (id `journey:{slug}:{customer}`) with the conflict
+policy "use existing", so a customer already running a journey keeps that run. A
+transition is marked dispatched only after Temporal accepted everything it asked for; a
+crash in between re-sends it, which that policy makes harmless.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from core.runs import (
 from core.settings import Settings
 from core.signals import (
     JOURNEY_EVENT_SIGNAL,
-    SEGMENT_ENTRY_SIGNAL,
     SEGMENT_EXIT_SIGNAL,
     CustomerEventSignal,
     SegmentSignal,
@@ -112,7 +111,7 @@ def reentry_allows(definition: JourneyDefinition, last: RunSummary | None, now: 
 
     `never`: never again after any run. `after_completion`: once the last run has ended
     and its cooldown (if any) has passed. A customer whose run is still going is let
-    through: signal-with-start turns that into a no-op signal.
+    through: starting a run whose id is running keeps the running one.
     """
     if last is None:
         return True
@@ -303,7 +302,7 @@ class TransitionDispatcher:
             try:
                 for action in plan.actions.get(transition_id, []):
                     if isinstance(action, _Start):
-                        await self._signal_with_start(action, outcome)
+                        await self._start_run(action, outcome)
                     else:
                         await self.client.get_workflow_handle(action.workflow_id).signal(
                             SEGMENT_EXIT_SIGNAL, action.signal
@@ -328,9 +327,12 @@ class TransitionDispatcher:
             outcome.done_ids.append(transition_id)
         return outcome
 
-    async def _signal_with_start(self, action: _Start, outcome: _CustomerOutcome) -> None:
+    async def _start_run(self, action: _Start, outcome: _CustomerOutcome) -> None:
         workflow_id = journey_workflow_id(action.journey_slug, action.customer_id)
         try:
+            # A running run of this id is kept as it is (a repeated entry changes
+            # nothing), so a re-sent transition is harmless. Eager: the server hands the
+            # run's first workflow task straight back to this process's worker.
             handle = await self.client.start_workflow(
                 JOURNEY_WORKFLOW,
                 action.journey_input,
@@ -341,8 +343,8 @@ class TransitionDispatcher:
                     if action.never_again
                     else WorkflowIDReusePolicy.ALLOW_DUPLICATE
                 ),
-                start_signal=SEGMENT_ENTRY_SIGNAL,
-                start_signal_args=[action.signal],
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                request_eager_start=True,
             )
         except WorkflowAlreadyStartedError:
             # `never` and a closed run of this id exist in Temporal: nothing to start.

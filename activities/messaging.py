@@ -52,6 +52,7 @@ from providers.outgoing import (
 from providers.sendgrid import SendGridEmailProvider
 from providers.twilio import TwilioSmsProvider, status_callback_url
 from store import messages as message_store
+from store import runs as run_store
 from store.templates import load_template
 
 
@@ -161,6 +162,16 @@ class SendOnce:
 
     def run(self) -> SendMessageResult:
         with session_scope(self.owner.engine) as session:
+            progress = self.send.progress
+            if progress is not None:
+                # The run's bookkeeping since its last write, in this send's transaction:
+                # insert-if-absent lines and a position that a retry writes again unchanged.
+                run_store.record_progress(
+                    session.connection(),
+                    run=progress.run,
+                    lines=progress.lines,
+                    position=progress.position,
+                )
             existing = message_store.find_message(
                 session, idempotency_key=self.send.idempotency_key
             )

@@ -464,14 +464,15 @@ async def main(args: argparse.Namespace) -> None:
                 concurrency=args.concurrency,
                 history_event_threshold=settings.history_event_threshold,
             )
+            runs = RunActivities(bench.engine)
             worker = build_worker(
                 client,
                 settings,
                 bench.engine,
                 workflows=[JourneyWorkflow, DispatcherWorkflow, BareChampionsFlow],
                 activities=[
-                    noop_send_message,
-                    *RunActivities(bench.engine).all(),
+                    noop_send_message(runs),
+                    *runs.all(),
                     *dispatcher.activities(),
                 ],
             )

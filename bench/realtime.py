@@ -68,6 +68,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from bench.realtime_baseline import BARE_SIGNAL, BARE_WORKFLOW, BareEntry
 from core.settings import Settings, find_executable
 from core.signals import journey_workflow_id
+from devstack import _die_with_parent
 
 REPO = Path(_HERE).parent
 SEGMENT = "bench-buyers"
@@ -217,6 +218,7 @@ class Product:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         self.stack.spawned.append(dev)
         wait_for(
@@ -259,7 +261,10 @@ class Bare:
         self.db = folder / "bare.db"
         log = (folder / "bare.log").open("ab")
         server = subprocess.Popen(
-            temporal_argv(folder, port, free_port()), stdout=log, stderr=subprocess.STDOUT
+            temporal_argv(folder, port, free_port()),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         self.stack.spawned.append(server)
         self.stack.processes["temporal"] = psutil.Process(server.pid)
@@ -278,6 +283,7 @@ class Bare:
             env=child_env({}),
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         self.stack.spawned.append(worker)
         self.stack.processes["worker"] = psutil.Process(worker.pid)

@@ -78,7 +78,8 @@ class SendCall:
 @dataclass
 class FakeMessenger:
     """Registered under the real `send_message` name; records each call and, like the
-    real one, writes the run-timeline line at the `seq` it is given."""
+    real one, writes the run's bookkeeping it is handed and the run-timeline line at the
+    `seq` it is given."""
 
     engine: Engine
     respond: Callable[[SendMessageInput, int], SendMessageResult] | None = None
@@ -116,6 +117,12 @@ class FakeMessenger:
 
         def write() -> None:
             with self.engine.begin() as conn:
+                progress = request.progress
+                if progress is not None:
+                    # As the real send does: the run's bookkeeping it was handed.
+                    run_store.record_progress(
+                        conn, run=progress.run, lines=progress.lines, position=progress.position
+                    )
                 run_store.append_run_events(conn, run=run, lines=[line])
 
         await asyncio.to_thread(write)
