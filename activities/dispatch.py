@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -51,6 +51,7 @@ from store import runs as run_store
 from store import transitions as transition_store
 from store.failures import FailureSubject, record_failure
 from store.runs import RunSummary
+from store.writer import group_writer
 
 log = logging.getLogger(__name__)
 
@@ -373,11 +374,15 @@ class TransitionDispatcher:
         self, started: Sequence[RunIdentity], done_ids: Sequence[int], set_aside: list[_SetAside]
     ) -> None:
         now = utcnow()
-        with self.engine.begin() as conn:
+
+        def settle(conn: Connection) -> None:
             run_store.ensure_runs(conn, identities=started)
             transition_store.mark_dispatched(conn, ids=done_ids, now=now)
             for failure in set_aside:
                 record_failure(conn, subject=failure.subject, error=failure.error, now=now)
+
+        # With the process's other writes (store/writer.py): one lock, one commit.
+        group_writer(self.engine).run(settle)
 
     # --- the activity --------------------------------------------------------------
 

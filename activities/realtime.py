@@ -24,6 +24,7 @@ from core.tables import utcnow
 from store.customers import claim_pending_customers
 from store.events import claim_pending_events
 from store.failures import FailureSubject, clear_failures, due_keys, record_failure
+from store.writer import group_writer
 
 log = logging.getLogger("journeys.realtime")
 
@@ -67,7 +68,8 @@ class RealtimeActivities:
         set aside with its error: the rest of the batch is processed and the claim kept.
         """
         now = utcnow()
-        with self.engine.begin() as conn:
+
+        def claim_and_apply(conn: Connection) -> tuple[list[dict[str, Any]], list[str]]:
             events = claim_pending_events(conn, limit=batch_size)
             changed = claim_pending_customers(conn, limit=batch_size)
             retried = due_keys(
@@ -76,7 +78,10 @@ class RealtimeActivities:
             customer_ids = sorted({e["customer_id"] for e in events} | set(changed) | set(retried))
             if customer_ids:
                 self._apply_steps(conn, customer_ids, retried=retried, now=now)
-        return events, customer_ids
+            return events, customer_ids
+
+        # With the process's other writes (store/writer.py): one lock, one commit.
+        return group_writer(self.engine).run(claim_and_apply)
 
     def _apply_steps(
         self, conn: Connection, customer_ids: list[str], *, retried: list[str], now: datetime

@@ -92,7 +92,12 @@ def _use_wal(cursor) -> None:  # noqa: ANN001
 # the send activity; threads of their own (the ingest writers, the run bookkeeping writer)
 # are known by their names.
 sqlite_writer_role: ContextVar[str | None] = ContextVar("sqlite_writer_role", default=None)
-_THREAD_ROLES = {"event writer": "ingest", "bulk writer": "ingest", "run-progress-writer": "runs"}
+_THREAD_ROLES = {
+    "event writer": "ingest",
+    "bulk writer": "ingest",
+    "run-progress-writer": "runs",
+    "group writer": "worker (grouped)",
+}
 
 
 class _LockFigures:
