@@ -679,6 +679,8 @@ class Bench:
         result = await self.product_step(rate, self.args.seconds)
         await asyncio.to_thread(spy.wait)
         self.profile = (rate, split_profile(out))
+        if self.args.profile_out and out.exists():
+            shutil.copy(out, self.args.profile_out)
         return result
 
     async def histories(self) -> None:
@@ -850,14 +852,29 @@ _STAGES = (
 )
 
 
+# Leaves of threads that wait (py-spy counts some waiting threads as running here).
+_IDLE_LEAVES = (
+    "_worker (concurrent/futures/thread.py",
+    "select (selectors.py",
+    "GroupWriter._loop (",
+    "ProgressWriter._run (",
+    "_dump_every_second (",
+    "wait (threading.py",
+)
+
+
 def split_profile(path: Path) -> dict[str, int]:
-    """py-spy raw stacks -> samples per stage (the first stage a stack names)."""
+    """py-spy raw stacks -> samples per stage (the first stage a stack names); stacks of
+    waiting threads are left out."""
     shares: Counter = Counter()
     if not path.exists():
         return {}
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        if not stack.strip() or any(mark in leaf for mark in _IDLE_LEAVES):
             continue
         for stage, marks in _STAGES:
             if any(mark in stack for mark in marks):
@@ -923,6 +940,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--drain-seconds", type=float, default=60.0)
     parser.add_argument("--pause-seconds", type=float, default=2.0)
     parser.add_argument("--profile-rate", type=float, default=40.0, help="py-spy the worker here")
+    parser.add_argument("--profile-out", help="keep py-spy's raw stacks in this file")
     parser.add_argument("--history-sample", type=int, default=20)
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--mixed-seconds", type=float, default=60.0)

@@ -75,10 +75,11 @@ def ensure_runs(conn: Connection, *, identities: Sequence[RunIdentity]) -> None:
     if not identities:
         return
     rows = [{**identity.model_dump(), "status": "running"} for identity in identities]
+    # Many parameter sets for one statement, not a VALUES list of their number: the
+    # statement compiles once per process instead of once per call.
     conn.execute(
-        _insert(conn, runs)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["workflow_id", "run_id"])
+        _insert(conn, runs).on_conflict_do_nothing(index_elements=["workflow_id", "run_id"]),
+        rows,
     )
 
 
@@ -121,9 +122,10 @@ def _insert_lines(conn: Connection, lines: Sequence[tuple[RunIdentity, RunLine]]
         for run, line in lines
     ]
     conn.execute(
-        _insert(conn, run_events)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["workflow_id", "run_id", "seq"])
+        _insert(conn, run_events).on_conflict_do_nothing(
+            index_elements=["workflow_id", "run_id", "seq"]
+        ),
+        rows,
     )
 
 
