@@ -26,6 +26,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from core.db import sqlite_writer_role
 from core.journeys import JourneyDefinition
 from core.runs import (
+    CURRENT_RUNTIME,
     DISPATCH_TRANSITIONS_ACTIVITY,
     DISPATCHER_WORKFLOW,
     DISPATCHER_WORKFLOW_ID,
@@ -286,6 +287,7 @@ class TransitionDispatcher:
                 context=row["context"] or {},
             ),
             history_event_threshold=self.history_event_threshold,
+            runtime=CURRENT_RUNTIME,
         )
         return _Start(
             transition_id=row["id"],

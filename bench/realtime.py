@@ -61,10 +61,11 @@ from typing import Any
 import httpx
 import orjson
 import psutil
-from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from bench.histories import history_stats as stats
+from bench.histories import print_history_table
 from bench.realtime_baseline import BARE_SIGNAL, BARE_WORKFLOW, BareEntry
 from core.settings import Settings, find_executable
 from core.signals import journey_workflow_id
@@ -511,10 +512,37 @@ class Bench:
             )
         )
         cpu = self.cpu_delta(cpu_before, self.cpu(self.product.stack), n)
+        if not drained:
+            await self.explain_missing(customers)
         entry, first, last = self.product_latencies(customers, posted)
         sustained = len(first) / (last - min(posted.values())) if first else 0.0
         self.last_product_customers = customers
         return StepResult("product", rate, n, entry, first, sustained, drained, cpu)
+
+    async def explain_missing(self, customers: list[str]) -> None:
+        """Where runs without their message stand: Temporal's view of a few of them."""
+        pattern = customers[0].rsplit("-", 1)[0] + "-%"
+        sent = {
+            row[0]
+            for row in self.product.read(
+                "SELECT customer_id FROM messages WHERE journey_slug = ? AND customer_id LIKE ?",
+                (JOURNEY, pattern),
+            )
+        }
+        missing = [c for c in customers if c not in sent][:5]
+        for customer in missing:
+            workflow_id = journey_workflow_id(JOURNEY, customer)
+            try:
+                described = await self.product_client.get_workflow_handle(workflow_id).describe()
+            except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                print(f"   missing {customer}: no run ({exc})")
+                continue
+            pending = [
+                f"{a.activity_type.name} state {a.state} attempt {a.attempt}"
+                f" last failure {a.last_failure.message[:120] if a.HasField('last_failure') else '-'}"
+                for a in described.raw_description.pending_activities
+            ]
+            print(f"   missing {customer}: {described.status}, pending {pending}")
 
     def product_latencies(
         self, customers: list[str], posted: dict[str, float]
@@ -685,15 +713,6 @@ class Bench:
 
     async def histories(self) -> None:
         print("\n4. Temporal history per run (sampled runs of the last step)")
-
-        async def stats(client: Client, ids: list[str]) -> Counter:
-            total: Counter = Counter()
-            for workflow_id in ids:
-                history = await client.get_workflow_handle(workflow_id).fetch_history()
-                total["events"] += len(history.events)
-                for event in history.events:
-                    total[event.event_type] += 1
-            return total
 
         rows = []
         sample = self.args.history_sample
@@ -883,28 +902,6 @@ def split_profile(path: Path) -> dict[str, int]:
         else:
             shares["SDK, event loop, other"] += int(count)
     return dict(shares)
-
-
-_HISTORY_COLUMNS = (
-    ("events", "events"),
-    ("workflow tasks", EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED),
-    ("activities", EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED),
-    ("local activities", EventType.EVENT_TYPE_MARKER_RECORDED),
-    ("signals", EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED),
-    ("timers", EventType.EVENT_TYPE_TIMER_STARTED),
-)
-
-
-def print_history_table(rows: list[tuple[str, Counter, int]]) -> None:
-    """History length and tasks per run, each flow on a line."""
-    print("   " + f"{'per run':22}" + "".join(f"{name:>17}" for name, _ in _HISTORY_COLUMNS))
-    for label, total, runs in rows:
-        runs = max(runs, 1)
-        print(
-            "   "
-            + f"{label:22}"
-            + "".join(f"{total[key] / runs:17.1f}" for _, key in _HISTORY_COLUMNS)
-        )
 
 
 async def main(args: argparse.Namespace) -> None:

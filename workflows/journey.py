@@ -74,9 +74,9 @@ STORE_RETRY = RetryPolicy(
 DEFAULT_DEFERRAL = timedelta(minutes=15)
 # Received events kept in state (and carried across continue-as-new).
 MAX_RECEIVED_EVENTS = 200
-# Runs from this change on hand the bookkeeping before a send to the send activity; runs
-# that started before it (their histories) keep their local activity.
-SEND_WRITES_PROGRESS = "send-writes-progress"
+# From this runtime on, the send activity writes the bookkeeping gathered before it;
+# runs started with an older one (their histories) keep their local activity.
+SEND_WRITES_PROGRESS = 2
 
 _EVENT_WORDS = {"email_clicked": "click", "email_opened": "open"}
 
@@ -289,7 +289,7 @@ class JourneyWorkflow:
         while True:
             seq = self._next_seq()
             progress = None
-            if workflow.patched(SEND_WRITES_PROGRESS):
+            if self._input.runtime >= SEND_WRITES_PROGRESS:
                 progress = self._take_progress()
             else:
                 await self._flush()

@@ -23,7 +23,14 @@ from activities.dispatch import TransitionDispatcher
 from activities.runs import RunActivities
 from core.journeys import JourneyDefinition
 from core.messages import SEND_MESSAGE_ACTIVITY, SendMessageInput, SendMessageResult
-from core.runs import JourneyEntry, JourneyInput, JourneyRunState, RunIdentity, RunLine
+from core.runs import (
+    CURRENT_RUNTIME,
+    JourneyEntry,
+    JourneyInput,
+    JourneyRunState,
+    RunIdentity,
+    RunLine,
+)
 from core.tables import Customer, Segment, utcnow
 from store import runs as run_store
 from workflows.dispatch import DispatcherWorkflow
@@ -179,6 +186,7 @@ def journey_input(
     threshold: int = 2_000,
     transition_id: int | None = 42,
     context: dict[str, Any] | None = None,
+    runtime: int = CURRENT_RUNTIME,
 ) -> JourneyInput:
     return JourneyInput(
         journey_slug=definition.slug,
@@ -193,6 +201,7 @@ def journey_input(
             context=context if context is not None else {"r": 5, "f": 4, "m": 5},
         ),
         history_event_threshold=threshold,
+        runtime=runtime,
     )
 
 
