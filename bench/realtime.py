@@ -852,6 +852,13 @@ class Bench:
         await self.histories()
         if self.args.mixed_seconds > 0:
             await self.mixed()
+        log = self.product.folder / "logs" / "worker.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        print(
+            f"\nworker log: {text.count('exceeded 5 seconds')} slow workflow tasks"
+            ' ("Workflow task duration exceeded 5 seconds"),'
+            f" {text.count(' ERROR ')} errors"
+        )
 
 
 def py_spy() -> str | None:
