@@ -334,12 +334,13 @@ async def flows(bench: Bench, client: Any, settings: Settings) -> None:
             journey_input(definition, customer, settings),
             id=journey_workflow_id(definition.slug, customer),
             task_queue=settings.task_queue,
-            start_signal=JOURNEY_EVENT_SIGNAL if clicker else SEGMENT_ENTRY_SIGNAL,
+            # As the dispatcher starts a run: no entry signal (the click is the test's).
+            start_signal=JOURNEY_EVENT_SIGNAL if clicker else None,
             start_signal_args=[
                 CustomerEventSignal(name="email_clicked", step="welcome", occurred_at=now())
-                if clicker
-                else SegmentSignal(segment=SEGMENT, transition_id=0, occurred_at=now())
-            ],
+            ]
+            if clicker
+            else [],
         )
         return handle
 

@@ -14,7 +14,6 @@ transaction of its own, in the caller's thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -61,11 +60,6 @@ class GroupWriter:
         """Run `job` in a committed transaction (its result, or its exception)."""
         return self.submit(job).result()
 
-    async def run_async(self, job: Job[T]) -> T:
-        if not self._grouped:
-            return await asyncio.to_thread(self._alone, job)
-        return await asyncio.wrap_future(self.submit(job))
-
     def submit(self, job: Job[T]) -> Future[T]:
         done: Future[T] = Future()
         if not self._grouped:
@@ -101,6 +95,8 @@ class GroupWriter:
                 self._commit(group)
             except Exception as exc:  # noqa: BLE001 - a dead writer would hang every caller
                 log.exception("the %s failed a group of %d", self.name, len(group))
+                # Nothing of the group was committed: every job of it fails, carried or not.
+                self._carried.clear()
                 for pending in group:
                     if not pending.done.done():
                         pending.done.set_exception(exc)
