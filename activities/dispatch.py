@@ -1,9 +1,9 @@
 """The transition dispatcher: segment entries and exits from the outbox into journey runs.
 
-Entries become signal-with-start of `JourneyWorkflow` (id `journey:{slug}:{customer}`),
-so a customer already running a journey only gets a no-op signal. A transition is
-marked dispatched only after Temporal accepted everything it asked for; a crash in
-between re-sends it, which signal-with-start makes harmless.
+Entries start `JourneyWorkflow` (id `journey:{slug}:{customer}`) with the conflict
+policy "use existing", so a customer already running a journey keeps that run. A
+transition is marked dispatched only after Temporal accepted everything it asked for; a
+crash in between re-sends it, which that policy makes harmless.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -24,9 +24,11 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.outages import riding_out_outages
+from core.db import sqlite_writer_role
 from core.journeys import JourneyDefinition
 from core.observability import TRACE_HANDOFF_WINDOW, client_traces, continued_trace
 from core.runs import (
+    CURRENT_RUNTIME,
     DISPATCH_TRANSITIONS_ACTIVITY,
     DISPATCHER_WORKFLOW,
     DISPATCHER_WORKFLOW_ID,
@@ -41,7 +43,6 @@ from core.runs import (
 from core.settings import Settings
 from core.signals import (
     JOURNEY_EVENT_SIGNAL,
-    SEGMENT_ENTRY_SIGNAL,
     SEGMENT_EXIT_SIGNAL,
     CustomerEventSignal,
     SegmentSignal,
@@ -54,6 +55,7 @@ from store import transitions as transition_store
 from store.failures import FailureSubject, record_failure
 from store.runs import RunSummary
 from store.trace_handoffs import recent_handoffs
+from store.writer import group_writer
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def reentry_allows(definition: JourneyDefinition, last: RunSummary | None, now: 
 
     `never`: never again after any run. `after_completion`: once the last run has ended
     and its cooldown (if any) has passed. A customer whose run is still going is let
-    through: signal-with-start turns that into a no-op signal.
+    through: starting a run whose id is running keeps the running one.
     """
     if last is None:
         return True
@@ -300,6 +302,7 @@ class TransitionDispatcher:
                 context=row["context"] or {},
             ),
             history_event_threshold=self.history_event_threshold,
+            runtime=CURRENT_RUNTIME,
         )
         return _Start(
             transition_id=row["id"],
@@ -317,7 +320,7 @@ class TransitionDispatcher:
             try:
                 for action in plan.actions.get(transition_id, []):
                     if isinstance(action, _Start):
-                        await self._signal_with_start(action, outcome)
+                        await self._start_run(action, outcome)
                     else:
                         await self.client.get_workflow_handle(action.workflow_id).signal(
                             SEGMENT_EXIT_SIGNAL, action.signal
@@ -342,9 +345,12 @@ class TransitionDispatcher:
             outcome.done_ids.append(transition_id)
         return outcome
 
-    async def _signal_with_start(self, action: _Start, outcome: _CustomerOutcome) -> None:
+    async def _start_run(self, action: _Start, outcome: _CustomerOutcome) -> None:
         workflow_id = journey_workflow_id(action.journey_slug, action.customer_id)
         try:
+            # A running run of this id is kept as it is (a repeated entry changes
+            # nothing), so a re-sent transition is harmless. Eager: the server hands the
+            # run's first workflow task straight back to this process's worker.
             handle = await self.client.start_workflow(
                 JOURNEY_WORKFLOW,
                 action.journey_input,
@@ -355,8 +361,8 @@ class TransitionDispatcher:
                     if action.never_again
                     else WorkflowIDReusePolicy.ALLOW_DUPLICATE
                 ),
-                start_signal=SEGMENT_ENTRY_SIGNAL,
-                start_signal_args=[action.signal],
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                request_eager_start=True,
             )
         except WorkflowAlreadyStartedError:
             # `never` and a closed run of this id exist in Temporal: nothing to start.
@@ -385,11 +391,15 @@ class TransitionDispatcher:
         self, started: Sequence[RunIdentity], done_ids: Sequence[int], set_aside: list[_SetAside]
     ) -> None:
         now = utcnow()
-        with self.engine.begin() as conn:
+
+        def settle(conn: Connection) -> None:
             run_store.ensure_runs(conn, identities=started)
             transition_store.mark_dispatched(conn, ids=done_ids, now=now)
             for failure in set_aside:
                 record_failure(conn, subject=failure.subject, error=failure.error, now=now)
+
+        # With the process's other writes (store/writer.py): one lock, one commit.
+        group_writer(self.engine).run(settle)
 
     # --- the activity --------------------------------------------------------------
 
@@ -397,6 +407,7 @@ class TransitionDispatcher:
     async def dispatch_transitions(self, request: DispatchTransitionsInput) -> DispatchCounts:
         """Dispatch transitions for `run_for_seconds`, heartbeating, then return."""
         total = DispatchCounts()
+        sqlite_writer_role.set("dispatcher")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.run_for_seconds
         self.task_queue = request.task_queue

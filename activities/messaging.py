@@ -21,7 +21,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.heartbeats import heartbeating
 from activities.send_policy import frequency_cap_release, quiet_hours_end
-from core.db import session_scope
+from core.db import sqlite_writer_role
 from core.errors import NotFound
 from core.journeys import FrequencyCap
 from core.messages import SEND_MESSAGE_ACTIVITY, SendMessageInput, SendMessageResult
@@ -53,7 +53,9 @@ from providers.outgoing import (
 from providers.sendgrid import SendGridEmailProvider
 from providers.twilio import TwilioSmsProvider, status_callback_url
 from store import messages as message_store
+from store import runs as run_store
 from store.templates import load_template
+from store.writer import group_writer
 
 
 class EmailProvider(Protocol):
@@ -119,6 +121,8 @@ class MessagingActivities:
         self.email_provider = email_provider or email_provider_for(settings)
         self.sms_provider = sms_provider or sms_provider_for(settings)
         self.clock = clock or (lambda: datetime.now(UTC))
+        # Every write of a send goes through the process's one writer (store/writer.py).
+        self.writer = group_writer(engine)
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.send_message]
@@ -133,8 +137,12 @@ class MessagingActivities:
         Heartbeats while it runs, so an attempt whose worker died is retried within the
         heartbeat timeout the journey gives it.
         """
-        with heartbeating():
-            return SendOnce(self, send).run()
+        role = sqlite_writer_role.set("send")
+        try:
+            with heartbeating():
+                return SendOnce(self, send).run()
+        finally:
+            sqlite_writer_role.reset(role)
 
 
 class SendOnce:
@@ -160,21 +168,29 @@ class SendOnce:
     # --- the flow ---------------------------------------------------------------------
 
     def run(self) -> SendMessageResult:
-        with session_scope(self.owner.engine) as session:
-            existing = message_store.find_message(
-                session, idempotency_key=self.send.idempotency_key
-            )
-            if existing is not None:
-                earlier = self._after_earlier_attempt(session, existing)
-                if earlier is not None:
-                    return earlier
-            decided = self._decide_before_send(session)
-            if decided is not None:
-                return decided
-            prepared = self._claim_and_render(session, existing)
-            if isinstance(prepared, SendMessageResult):
-                return prepared
+        prepared = self.owner.writer.run(self._before_provider)
+        if isinstance(prepared, SendMessageResult):
+            return prepared
         return self._call_provider(prepared)
+
+    def _before_provider(self, session: Any) -> PreparedSend | SendMessageResult:
+        """Decide, claim and render in one transaction, committed before the provider call."""
+        progress = self.send.progress
+        if progress is not None:
+            # The run's bookkeeping since its last write, in this send's transaction:
+            # insert-if-absent lines and a position that a retry writes again unchanged.
+            run_store.record_progress(
+                session, run=progress.run, lines=progress.lines, position=progress.position
+            )
+        existing = message_store.find_message(session, idempotency_key=self.send.idempotency_key)
+        if existing is not None:
+            earlier = self._after_earlier_attempt(session, existing)
+            if earlier is not None:
+                return earlier
+        decided = self._decide_before_send(session)
+        if decided is not None:
+            return decided
+        return self._claim_and_render(session, existing)
 
     def _after_earlier_attempt(
         self, session: Any, existing: message_store.MessageRecord
@@ -448,16 +464,21 @@ class SendOnce:
         except ProviderRefused as exc:
             return self._refused(prepared, exc)
         except ProviderOutcomeUnknown as exc:
-            with session_scope(owner.engine) as session:
+            error = str(exc)
+
+            def still_sending(session: Any) -> None:
                 message_store.mark_send_status(
                     session,
                     message_id=prepared.message_id,
                     status="sending",
-                    error=str(exc),
+                    error=error,
                     now=self._clock(),
                 )
+
+            owner.writer.run(still_sending)
             raise ApplicationError(str(exc), type="ProviderOutcomeUnknown") from exc
-        with session_scope(owner.engine) as session:
+
+        def sent(session: Any) -> None:
             message_store.mark_sent(
                 session,
                 message_id=prepared.message_id,
@@ -471,12 +492,16 @@ class SendOnce:
                 + f" to {mask_address(prepared.to)} via {accepted.provider}."
             )
             self._timeline(session, "sent", reason, prepared.message_id, prepared.subject)
+
+        owner.writer.run(sent)
         return SendMessageResult(
             status="sent", message_id=prepared.message_id, subject=prepared.subject
         )
 
     def _refused(self, prepared: PreparedSend, exc: ProviderRefused) -> SendMessageResult:
-        with session_scope(self.owner.engine) as session:
+        reason = f"Not sent: the provider refused the message for good ({exc.message})."
+
+        def record(session: Any) -> None:
             if exc.retryable:
                 message_store.mark_send_status(
                     session,
@@ -485,16 +510,17 @@ class SendOnce:
                     error=exc.message,
                     now=self._clock(),
                 )
-            else:
-                reason = f"Not sent: the provider refused the message for good ({exc.message})."
-                message_store.mark_send_status(
-                    session,
-                    message_id=prepared.message_id,
-                    status="failed",
-                    error=reason,
-                    now=self._clock(),
-                )
-                self._timeline(session, "failed", reason, prepared.message_id, prepared.subject)
+                return
+            message_store.mark_send_status(
+                session,
+                message_id=prepared.message_id,
+                status="failed",
+                error=reason,
+                now=self._clock(),
+            )
+            self._timeline(session, "failed", reason, prepared.message_id, prepared.subject)
+
+        self.owner.writer.run(record)
         if exc.retryable:
             # Raised after the commit above: the next attempt sees `retrying` and resends.
             raise ApplicationError(exc.message, type="ProviderUnavailable")

@@ -21,11 +21,13 @@ from temporalio import activity
 
 from activities.outages import riding_out_outages
 from core import metrics
+from core.db import sqlite_writer_role
 from core.settings import Settings
 from core.tables import utcnow
 from store.customers import claim_pending_customers
 from store.events import claim_pending_events
 from store.failures import FailureSubject, clear_failures, due_keys, record_failure
+from store.writer import group_writer
 
 log = logging.getLogger("journeys.realtime")
 
@@ -73,7 +75,8 @@ class RealtimeActivities:
         """
         now = utcnow()
         started = time.perf_counter()
-        with self.engine.begin() as conn:
+
+        def claim_and_apply(conn: Connection) -> tuple[list[dict[str, Any]], list[str]]:
             events = claim_pending_events(conn, limit=batch_size)
             metrics.observe_realtime_lag([e.get("received_at") for e in events], now)
             changed = claim_pending_customers(conn, limit=batch_size)
@@ -83,6 +86,10 @@ class RealtimeActivities:
             customer_ids = sorted({e["customer_id"] for e in events} | set(changed) | set(retried))
             if customer_ids:
                 self._apply_steps(conn, customer_ids, retried=retried, now=now)
+            return events, customer_ids
+
+        # With the process's other writes (store/writer.py): one lock, one commit.
+        events, customer_ids = group_writer(self.engine).run(claim_and_apply)
         if customer_ids:
             metrics.observe_pass("realtime", time.perf_counter() - started)
         return events, customer_ids
@@ -123,6 +130,7 @@ class RealtimeActivities:
     @activity.defn(name=PROCESS_REALTIME_ACTIVITY)
     async def process_realtime(self, request: RealtimeInput) -> RealtimeResult:
         result = RealtimeResult()
+        sqlite_writer_role.set("realtime")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.run_seconds
 

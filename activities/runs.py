@@ -32,6 +32,7 @@ from core.tables import utcnow
 from store import customers as customer_store
 from store import runs as run_store
 from store import segments as segment_store
+from store.writer import group_writer
 
 
 class ProgressWriter:
@@ -75,11 +76,12 @@ class ProgressWriter:
             self._commit(batch)
 
     def _commit(self, batch: list[tuple[RecordRunProgressInput, Future[None]]]) -> None:
+        items = [(p.run, p.lines, p.position) for p, _ in batch]
         try:
-            with self.engine.begin() as conn:
-                run_store.record_progress_many(
-                    conn, items=[(p.run, p.lines, p.position) for p, _ in batch]
-                )
+            # With the process's other writes (store/writer.py): one lock, one commit.
+            group_writer(self.engine).run(
+                lambda conn: run_store.record_progress_many(conn, items=items)
+            )
         except Exception:  # noqa: BLE001
             if len(batch) > 1:
                 # One bad item must not fail the others: each on its own.

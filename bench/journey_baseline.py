@@ -3,6 +3,7 @@ timers, signals and send activities, and none of the journey runtime's bookkeepi
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from pydantic import BaseModel
@@ -10,8 +11,10 @@ from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from activities.runs import RunActivities
     from core.messages import SEND_MESSAGE_ACTIVITY, SendMessageInput, SendMessageResult
     from core.signals import JOURNEY_EVENT_SIGNAL, CustomerEventSignal
+    from workflows.journey import JourneyWorkflow
 
 
 class BareFlowInput(BaseModel):
@@ -20,13 +23,24 @@ class BareFlowInput(BaseModel):
     delay_seconds: float
 
 
-@activity.defn(name=SEND_MESSAGE_ACTIVITY)
-async def noop_send_message(request: SendMessageInput) -> SendMessageResult:
-    """Stands in for the provider in both flows, so they compare orchestration only."""
-    return SendMessageResult(status="sent")
+def noop_send_message(runs: RunActivities):  # noqa: ANN201
+    """The send activity of both flows: no provider, so they compare orchestration only;
+    the journey's bookkeeping that rides with a send is written, as the real send does."""
+
+    @activity.defn(name=SEND_MESSAGE_ACTIVITY)
+    async def send_message(request: SendMessageInput) -> SendMessageResult:
+        if request.progress is not None:
+            await asyncio.to_thread(runs.writer.write, request.progress)
+        return SendMessageResult(status="sent")
+
+    return send_message
 
 
-@workflow.defn(name="BareChampionsFlow")
+# The same runner as JourneyWorkflow's (sandboxed or not).
+@workflow.defn(
+    name="BareChampionsFlow",
+    sandboxed=workflow._Definition.must_from_class(JourneyWorkflow).sandboxed,
+)
 class BareChampionsFlow:
     def __init__(self) -> None:
         self.clicked = False

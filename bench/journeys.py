@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from activities.dispatch import TransitionDispatcher, ensure_dispatcher  # noqa: E402
 from activities.runs import RunActivities  # noqa: E402
+from bench.histories import history_stats, print_history_table  # noqa: E402
 from bench.journey_baseline import (  # noqa: E402
     BareChampionsFlow,
     BareFlowInput,
@@ -54,7 +55,7 @@ from bench.journey_baseline import (  # noqa: E402
 from core.db import make_engine  # noqa: E402
 from core.journeys import JourneyDefinition  # noqa: E402
 from core.migrate import migrate  # noqa: E402
-from core.runs import JourneyEntry, JourneyInput  # noqa: E402
+from core.runs import CURRENT_RUNTIME, JourneyEntry, JourneyInput  # noqa: E402
 from core.settings import Settings, find_executable  # noqa: E402
 from core.signals import (  # noqa: E402
     JOURNEY_EVENT_SIGNAL,
@@ -245,6 +246,7 @@ def journey_input(definition: JourneyDefinition, customer: str, settings: Settin
         definition=definition,
         entry=JourneyEntry(segment=SEGMENT, occurred_at=now(), source="bench"),
         history_event_threshold=settings.history_event_threshold,
+        runtime=CURRENT_RUNTIME,
     )
 
 
@@ -332,12 +334,13 @@ async def flows(bench: Bench, client: Any, settings: Settings) -> None:
             journey_input(definition, customer, settings),
             id=journey_workflow_id(definition.slug, customer),
             task_queue=settings.task_queue,
-            start_signal=JOURNEY_EVENT_SIGNAL if clicker else SEGMENT_ENTRY_SIGNAL,
+            # As the dispatcher starts a run: no entry signal (the click is the test's).
+            start_signal=JOURNEY_EVENT_SIGNAL if clicker else None,
             start_signal_args=[
                 CustomerEventSignal(name="email_clicked", step="welcome", occurred_at=now())
-                if clicker
-                else SegmentSignal(segment=SEGMENT, transition_id=0, occurred_at=now())
-            ],
+            ]
+            if clicker
+            else [],
         )
         return handle
 
@@ -370,7 +373,17 @@ async def flows(bench: Bench, client: Any, settings: Settings) -> None:
     print(f"2. Champions flow, {n} customers (half click), wait {wait} s, pause {delay} s")
     print(f"   bare workflow, same timers and sends  {rate(n, timings['bare'])}")
     print(f"   JourneyWorkflow                       {rate(n, timings['journey'])}")
-    print(f"   journey / bare: {timings['bare'] / timings['journey']:.0%} (target >= 70%)")
+    print(f"   journey / bare: {timings['bare'] / timings['journey']:.0%} (target >= 85%)")
+    sample = range(min(n, 20))
+    journey_ids = [journey_workflow_id(definition.slug, f"flow-{tag}-{i}") for i in sample]
+    bare_ids = [f"bare:bare-flow-{tag}-{i}" for i in sample]
+    print(f"   Temporal history per run ({len(sample)} sampled runs of each, half click):")
+    print_history_table(
+        [
+            ("JourneyWorkflow", await history_stats(client, journey_ids), len(journey_ids)),
+            ("bare workflow", await history_stats(client, bare_ids), len(bare_ids)),
+        ]
+    )
 
 
 async def parked(bench: Bench, client: Any, settings: Settings) -> None:
@@ -464,14 +477,15 @@ async def main(args: argparse.Namespace) -> None:
                 concurrency=args.concurrency,
                 history_event_threshold=settings.history_event_threshold,
             )
+            runs = RunActivities(bench.engine)
             worker = build_worker(
                 client,
                 settings,
                 bench.engine,
                 workflows=[JourneyWorkflow, DispatcherWorkflow, BareChampionsFlow],
                 activities=[
-                    noop_send_message,
-                    *RunActivities(bench.engine).all(),
+                    noop_send_message(runs),
+                    *runs.all(),
                     *dispatcher.activities(),
                 ],
             )

@@ -20,11 +20,15 @@ waiting); code that writes through the raw sqlite3 connection takes the lock its
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -82,6 +86,77 @@ def _use_wal(cursor) -> None:  # noqa: ANN001
     cursor.execute("PRAGMA journal_mode=WAL")
 
 
+# --- lock figures (bench/realtime.py) ------------------------------------------------------
+
+# Who is writing, for the lock figures: set by the real-time processor, the dispatcher and
+# the send activity; threads of their own (the ingest writers, the run bookkeeping writer)
+# are known by their names.
+sqlite_writer_role: ContextVar[str | None] = ContextVar("sqlite_writer_role", default=None)
+_THREAD_ROLES = {
+    "event writer": "ingest",
+    "bulk writer": "ingest",
+    "run-progress-writer": "runs",
+    "group writer": "worker (grouped)",
+}
+
+
+class _LockFigures:
+    """Write-lock waits and holds per writer role, written as JSON to
+    `JOURNEYS_SQLITE_LOCK_STATS/{pid}.json` every second when that names a directory."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._figures: dict[str, dict[str, float]] = {}
+        self._held: dict[int, tuple[str, float]] = {}
+        self._writer: threading.Thread | None = None
+
+    @staticmethod
+    def folder() -> str:
+        return get_settings().sqlite_lock_stats
+
+    @staticmethod
+    def role() -> str:
+        role = sqlite_writer_role.get()
+        if role is None:
+            role = _THREAD_ROLES.get(threading.current_thread().name, "other")
+        return role
+
+    def took(self, connection: object, waited: float) -> None:
+        role = self.role()
+        with self._lock:
+            figures = self._figures.setdefault(
+                role, {"count": 0, "waited": 0.0, "max_wait": 0.0, "held": 0.0}
+            )
+            figures["count"] += 1
+            figures["waited"] += waited
+            figures["max_wait"] = max(figures["max_wait"], waited)
+            self._held[id(connection)] = (role, time.monotonic())
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._dump_every_second, name="lock-figures", daemon=True
+                )
+                self._writer.start()
+
+    def released(self, connection: object) -> None:
+        with self._lock:
+            held = self._held.pop(id(connection), None)
+            if held is not None:
+                self._figures[held[0]]["held"] += time.monotonic() - held[1]
+
+    def _dump_every_second(self) -> None:
+        path = os.path.join(self.folder(), f"{os.getpid()}.json")
+        while True:
+            time.sleep(1)
+            with self._lock:
+                text = json.dumps(self._figures)
+            with open(path + ".tmp", "w") as out:
+                out.write(text)
+            os.replace(path + ".tmp", path)
+
+
+_lock_figures = _LockFigures()
+
+
 # SQLITE_BUSY_SNAPSHOT: this connection still reads an older snapshot (a SELECT whose
 # rows were not all fetched); asking again cannot help until that read ends.
 _SQLITE_BUSY_SNAPSHOT = 517
@@ -97,11 +172,14 @@ def take_sqlite_write_lock(dbapi_connection: sqlite3.Connection) -> None:
     """
     if dbapi_connection.in_transaction:
         return
-    deadline = time.monotonic() + sqlite_busy_timeout_ms() / 1000
+    began = time.monotonic()
+    deadline = began + sqlite_busy_timeout_ms() / 1000
     with sqlite_busy_timeout(dbapi_connection, 0):
         while True:
             try:
                 dbapi_connection.execute("BEGIN IMMEDIATE")
+                if _lock_figures.folder():
+                    _lock_figures.took(dbapi_connection, time.monotonic() - began)
                 return
             except sqlite3.OperationalError as exc:
                 if (
@@ -157,6 +235,10 @@ def _lock_before_first_write(
     take_sqlite_write_lock(raw)
 
 
+def _released(conn: Connection) -> None:
+    _lock_figures.released(conn.connection.dbapi_connection)
+
+
 @contextmanager
 def sqlite_busy_timeout(dbapi_connection: sqlite3.Connection, milliseconds: int) -> Iterator[None]:
     """Another busy timeout for the statements inside the block, then the usual one."""
@@ -180,6 +262,9 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _tune_sqlite)
         event.listen(engine, "before_cursor_execute", _lock_before_first_write)
+        if _lock_figures.folder():
+            for name in ("commit", "rollback"):
+                event.listen(engine, name, _released)
         return engine
     # pool_recycle instead of pre-ping: a ping is one more round trip on every checkout.
     return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=900)

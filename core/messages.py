@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from core.journeys import FrequencyCap, QuietHours
+from core.runs import RecordRunProgressInput
 
 SEND_MESSAGE_ACTIVITY = "send_message"
 
@@ -42,6 +43,9 @@ class SendMessageInput(BaseModel):
     # Optional: the workflow's time of the send (`workflow.now()`). Quiet hours and the
     # frequency cap are decided at the later of this and the worker's clock.
     scheduled_at: datetime | None = None
+    # The run's timeline lines and position since its last write, written by the send in
+    # its first transaction (instead of a local activity of their own just before it).
+    progress: RecordRunProgressInput | None = None
 
     @property
     def idempotency_key(self) -> str:

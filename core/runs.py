@@ -24,6 +24,9 @@ EVALUATE_BRANCH_ACTIVITY = "evaluate_branch"
 UPDATE_ATTRIBUTE_ACTIVITY = "update_customer_attribute"
 DISPATCH_TRANSITIONS_ACTIVITY = "dispatch_transitions"
 
+# The runtime new runs start with (JourneyInput.runtime).
+CURRENT_RUNTIME = 2
+
 RunStatus = Literal["running", "completed", "converted", "exited", "failed", "cancelled"]
 ENDED_STATUSES = ("completed", "converted", "exited", "failed", "cancelled")
 
@@ -91,6 +94,10 @@ class JourneyInput(BaseModel):
     entry: JourneyEntry
     # Passed in so the workflow reads no settings (Settings.history_event_threshold).
     history_event_threshold: int = 2_000
+    # How the run keeps its books, fixed when it starts so that its history replays: 1, a
+    # local activity writes the timeline before each send; 2, the send writes it.
+    # Starters set CURRENT_RUNTIME; a run started without it is an older one.
+    runtime: int = 1
     # Set when the run continues as new.
     state: JourneyRunState | None = None
 

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # How long a SQLite statement waits for another process's write lock before
     # "database is locked": the API and the worker overlap, so writers queue.
     sqlite_busy_timeout_ms: int = Field(60_000, ge=0)
+    # A directory: each process writes its SQLite write-lock waits there (bench/realtime.py).
+    sqlite_lock_stats: str = ""
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     temporal_ui_url: str = "http://127.0.0.1:8233"
@@ -54,11 +56,12 @@ class Settings(BaseSettings):
     # browser routes (decide, views, single events); a campaign may add its own.
     cors_origins: str = ""
 
-    # Worker tuning: pollers were the measured gain on the dev server (docs/architecture.md).
-    worker_workflow_pollers: int = 50
-    worker_activity_pollers: int = 20
-    worker_max_workflow_tasks: int = 500
-    worker_max_activities: int = 200
+    # Worker tuning, sized to a small machine (docs/architecture.md): every workflow task
+    # slot is a thread, and hundreds of them on two cores made workflow tasks take seconds.
+    worker_workflow_pollers: int = 16
+    worker_activity_pollers: int = 16
+    worker_max_workflow_tasks: int = 64
+    worker_max_activities: int = 64
     # 20,000 parked runs fit in 512 MiB with 2,000 cached (about 156 KB per sandboxed run).
     worker_max_cached_workflows: int = 2_000
     history_event_threshold: int = 2_000

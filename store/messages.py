@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import bindparam, text
@@ -78,6 +79,9 @@ class CustomerForSend:
     sms_unsubscribed_at: datetime | None
 
 
+# Statements are built once: building one and computing its cache key cost more than
+# running it, on the hot path of every send.
+@lru_cache(maxsize=64)
 def _select_messages(where: str) -> Any:
     return text(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where}").columns(
         headers=JSONType,
@@ -151,27 +155,35 @@ def list_outbox(
     return [_record(row) for row in session.execute(_select_messages(where), params)]
 
 
+@lru_cache(maxsize=1)
+def _customer_for_send_sql() -> Any:
+    return text(
+        "SELECT id, email, phone, attributes, email_unsubscribed_at, sms_unsubscribed_at"
+        " FROM customers WHERE id = :id"
+    ).columns(
+        attributes=JSONType,
+        email_unsubscribed_at=UTCDateTime(),
+        sms_unsubscribed_at=UTCDateTime(),
+    )
+
+
 def customer_for_send(session: Store, *, customer_id: str) -> CustomerForSend | None:
     """The customer's addresses, attributes and unsubscribe state."""
     row = session.execute(
-        text(
-            "SELECT id, email, phone, attributes, email_unsubscribed_at, sms_unsubscribed_at"
-            " FROM customers WHERE id = :id"
-        ).columns(
-            attributes=JSONType,
-            email_unsubscribed_at=UTCDateTime(),
-            sms_unsubscribed_at=UTCDateTime(),
-        ),
+        _customer_for_send_sql(),
         {"id": customer_id},
     ).first()
     return None if row is None else CustomerForSend(**row._mapping)
 
 
+@lru_cache(maxsize=1)
+def _suppression_sql() -> Any:
+    return text("SELECT reason FROM suppressions WHERE address = :address")
+
+
 def suppression_reason(session: Store, *, address: str) -> str | None:
     """Why `address` may not be sent to (bounce, spamreport, stop...), or None."""
-    row = session.execute(
-        text("SELECT reason FROM suppressions WHERE address = :address"), {"address": address}
-    ).first()
+    row = session.execute(_suppression_sql(), {"address": address}).first()
     return None if row is None else row[0]
 
 
@@ -234,6 +246,23 @@ def claim_send(
     )
 
 
+@lru_cache(maxsize=1)
+def _insert_message_sql() -> Any:
+    return text(
+        "INSERT INTO messages (idempotency_key, workflow_id, run_id, step, journey_slug,"
+        ' version, customer_id, channel, template, "to", headers, links, status, provider,'
+        " error, attempts, created_at, updated_at)"
+        " VALUES (:idempotency_key, :workflow_id, :run_id, :step, :journey_slug, :version, :customer_id,"
+        " :channel, :template, :to, :empty_headers, :empty_links, :status, :provider, :error,"
+        " :attempts, :now, :now)"
+        " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+    ).bindparams(
+        bindparam("empty_headers", type_=JSONType),
+        bindparam("empty_links", type_=JSONType),
+        *_ts("now"),
+    )
+
+
 def _insert_message(
     session: Store,
     identity: MessageIdentity,
@@ -247,19 +276,7 @@ def _insert_message(
 ) -> int | None:
     """Insert a message row unless its idempotency key has one; its id, or None."""
     row = session.execute(
-        text(
-            "INSERT INTO messages (idempotency_key, workflow_id, run_id, step, journey_slug,"
-            ' version, customer_id, channel, template, "to", headers, links, status, provider,'
-            " error, attempts, created_at, updated_at)"
-            " VALUES (:idempotency_key, :workflow_id, :run_id, :step, :journey_slug, :version, :customer_id,"
-            " :channel, :template, :to, :empty_headers, :empty_links, :status, :provider, :error,"
-            " :attempts, :now, :now)"
-            " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
-        ).bindparams(
-            bindparam("empty_headers", type_=JSONType),
-            bindparam("empty_links", type_=JSONType),
-            *_ts("now"),
-        ),
+        _insert_message_sql(),
         {
             **asdict(identity),
             "to": to,
@@ -290,6 +307,14 @@ def reclaim_send(
     return result.rowcount == 1
 
 
+@lru_cache(maxsize=1)
+def _set_content_sql() -> Any:
+    return text(
+        "UPDATE messages SET subject = :subject, body = :body, text_body = :text_body,"
+        " headers = :headers, links = :links WHERE id = :id"
+    ).bindparams(bindparam("headers", type_=JSONType), bindparam("links", type_=JSONType))
+
+
 def set_message_content(
     session: Store,
     *,
@@ -302,10 +327,7 @@ def set_message_content(
 ) -> None:
     """Store what is about to be sent (links and unsubscribe tokens need the id first)."""
     session.execute(
-        text(
-            "UPDATE messages SET subject = :subject, body = :body, text_body = :text_body,"
-            " headers = :headers, links = :links WHERE id = :id"
-        ).bindparams(bindparam("headers", type_=JSONType), bindparam("links", type_=JSONType)),
+        _set_content_sql(),
         {
             "id": message_id,
             "subject": subject,
@@ -315,6 +337,19 @@ def set_message_content(
             "links": links,
         },
     )
+
+
+@lru_cache(maxsize=1)
+def _mark_sent_sql() -> Any:
+    return text(
+        "UPDATE messages SET"
+        " status = CASE WHEN status IN ('sending', 'retrying', 'in_doubt') THEN 'sent'"
+        " ELSE status END,"
+        " provider = :provider,"
+        " provider_message_id = COALESCE(:pmid, provider_message_id),"
+        " sent_at = COALESCE(sent_at, :now), error = NULL, updated_at = :now"
+        " WHERE id = :id"
+    ).bindparams(*_ts("now"))
 
 
 def mark_sent(
@@ -327,15 +362,7 @@ def mark_sent(
 ) -> None:
     """The provider took the message. A webhook that got here first keeps its status."""
     session.execute(
-        text(
-            "UPDATE messages SET"
-            " status = CASE WHEN status IN ('sending', 'retrying', 'in_doubt') THEN 'sent'"
-            " ELSE status END,"
-            " provider = :provider,"
-            " provider_message_id = COALESCE(:pmid, provider_message_id),"
-            " sent_at = COALESCE(sent_at, :now), error = NULL, updated_at = :now"
-            " WHERE id = :id"
-        ).bindparams(*_ts("now")),
+        _mark_sent_sql(),
         {"id": message_id, "provider": provider, "pmid": provider_message_id, "now": now},
     )
 
@@ -376,6 +403,17 @@ def record_unsent(
     )
 
 
+@lru_cache(maxsize=1)
+def _run_event_sql() -> Any:
+    return text(
+        "INSERT INTO run_events (workflow_id, run_id, seq, journey_slug, version,"
+        " customer_id, step, kind, reason, detail, occurred_at)"
+        " VALUES (:workflow_id, :run_id, :seq, :journey_slug, :version, :customer_id,"
+        " :step, :kind, :reason, :detail, :now)"
+        " ON CONFLICT (workflow_id, run_id, seq) DO NOTHING RETURNING id"
+    ).bindparams(bindparam("detail", type_=JSONType), *_ts("now"))
+
+
 def record_run_event(
     session: Store,
     *,
@@ -393,13 +431,7 @@ def record_run_event(
 ) -> bool:
     """Write one line of the run's timeline unless (workflow, run, seq) has one already."""
     row = session.execute(
-        text(
-            "INSERT INTO run_events (workflow_id, run_id, seq, journey_slug, version,"
-            " customer_id, step, kind, reason, detail, occurred_at)"
-            " VALUES (:workflow_id, :run_id, :seq, :journey_slug, :version, :customer_id,"
-            " :step, :kind, :reason, :detail, :now)"
-            " ON CONFLICT (workflow_id, run_id, seq) DO NOTHING RETURNING id"
-        ).bindparams(bindparam("detail", type_=JSONType), *_ts("now")),
+        _run_event_sql(),
         {
             "workflow_id": workflow_id,
             "run_id": run_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -25,6 +26,10 @@ from core.tables import JourneyRun, JourneyVersion, RunEvent
 runs = JourneyRun.__table__
 run_events = RunEvent.__table__
 versions = JourneyVersion.__table__
+_KEYED = {
+    "runs": (runs, ["workflow_id", "run_id"]),
+    "run_events": (run_events, ["workflow_id", "run_id", "seq"]),
+}
 
 
 class RunSummary(BaseModel):
@@ -59,8 +64,27 @@ class RunWithTimeline(RunSummary):
     timeline: list[TimelineLine]
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    return (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
+# Run bookkeeping statements are built once per dialect: building one and computing its
+# cache key cost more than running it, on the hot path of every run.
+@lru_cache(maxsize=4)
+def _insert_if_absent(dialect: str, table_name: str) -> Any:
+    table, keys = _KEYED[table_name]
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return insert(table).on_conflict_do_nothing(index_elements=keys)
+
+
+@lru_cache(maxsize=1)
+def _move_sql() -> Any:
+    # An ended run stays ended: only a final position may touch a run that has ended.
+    return (
+        update(runs)
+        .where(
+            runs.c.workflow_id == bindparam("b_workflow_id"),
+            runs.c.run_id == bindparam("b_run_id"),
+            or_(runs.c.status == "running", bindparam("p_status") != "running"),
+        )
+        .values({name: bindparam(f"p_{name}") for name in RunPosition.model_fields})
+    )
 
 
 def _summary(row: Any) -> RunSummary:
@@ -75,11 +99,9 @@ def ensure_runs(conn: Connection, *, identities: Sequence[RunIdentity]) -> None:
     if not identities:
         return
     rows = [{**identity.model_dump(), "status": "running"} for identity in identities]
-    conn.execute(
-        _insert(conn, runs)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["workflow_id", "run_id"])
-    )
+    # Many parameter sets for one statement, not a VALUES list of their number: the
+    # statement compiles once per process instead of once per call.
+    conn.execute(_insert_if_absent(conn.dialect.name, "runs"), rows)
 
 
 def update_position(
@@ -120,11 +142,7 @@ def _insert_lines(conn: Connection, lines: Sequence[tuple[RunIdentity, RunLine]]
         }
         for run, line in lines
     ]
-    conn.execute(
-        _insert(conn, run_events)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=["workflow_id", "run_id", "seq"])
-    )
+    conn.execute(_insert_if_absent(conn.dialect.name, "run_events"), rows)
 
 
 def record_progress(
@@ -152,17 +170,7 @@ def record_progress_many(
         }
         for run, _, position in items
     ]
-    # An ended run stays ended: only a final position may touch a run that has ended.
-    conn.execute(
-        update(runs)
-        .where(
-            runs.c.workflow_id == bindparam("b_workflow_id"),
-            runs.c.run_id == bindparam("b_run_id"),
-            or_(runs.c.status == "running", bindparam("p_status") != "running"),
-        )
-        .values({name: bindparam(f"p_{name}") for name in RunPosition.model_fields}),
-        moves,
-    )
+    conn.execute(_move_sql(), moves)
 
 
 def last_run(conn: Connection, *, journey_slug: str, customer_id: str) -> RunSummary | None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+import pytest
+from temporalio.exceptions import ApplicationError
+
 from core.messages import SendMessageResult
-from core.runs import JourneyRunState
+from core.runs import CURRENT_RUNTIME, JourneyRunState
 from core.signals import (
     JOURNEY_EVENT_SIGNAL,
     SEGMENT_ENTRY_SIGNAL,
@@ -400,3 +403,26 @@ def test_champions_template_steps_exist() -> None:
     # The test definition is the Champions flow of docs/journeys.md without its story
     # steps; keep it a valid definition.
     assert definition().steps.keys() == CHAMPIONS["steps"].keys()
+
+
+@pytest.mark.parametrize("runtime", [1, CURRENT_RUNTIME])
+async def test_a_send_that_fails_for_good_keeps_the_whole_timeline(
+    time_skipping_env, sqlite_engine, runtime: int
+) -> None:
+    _ENV["env"] = time_skipping_env
+    client = client_for(time_skipping_env)
+
+    def refuse(request, previous):  # noqa: ANN001, ANN202
+        raise ApplicationError("the send cannot be made", non_retryable=True)
+
+    messenger = FakeMessenger(sqlite_engine, respond=refuse)
+    customer = _customer()
+    async with journey_worker(client, sqlite_engine, messenger) as queue:
+        handle = await _start(client, queue, definition(), customer, runtime=runtime)
+        state = await handle.result()
+    assert state.status == "failed"
+    [run] = _runs(sqlite_engine, customer)
+    # Runtime 2 handed the entry line to the send, which never wrote it: the run's own
+    # write of its failure carries it.
+    assert [(line.seq, line.kind) for line in run.timeline] == [(0, "entered"), (2, "failed")]
+    assert (run.status, run.step) == ("failed", "welcome")

@@ -14,8 +14,10 @@ from temporalio.exceptions import ApplicationError
 
 from activities.messaging import MessagingActivities
 from core.db import session_scope
+from core.runs import RecordRunProgressInput, RunIdentity, RunLine, RunPosition
 from core.tokens import read_link_token, read_unsubscribe_token
 from store import messages as message_store
+from store import runs as run_store
 from store.templates import save_template
 from tests.utils.messaging import (
     SENDGRID_KEY,
@@ -334,3 +336,53 @@ def test_missing_template_and_wrong_channel_fail(store_engine: Engine, stub: Pro
     wrong = messenger.send_message(send_input("c-1", step_id="s2", seq=2, channel="sms"))
     assert wrong.status == "failed"
     assert stub.requests == []
+
+
+def _progress(customer_id: str) -> RecordRunProgressInput:
+    moment = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+    return RecordRunProgressInput(
+        run=RunIdentity(
+            workflow_id=f"journey:champions:{customer_id}",
+            run_id="run-1",
+            journey_slug="champions",
+            version=1,
+            customer_id=customer_id,
+            entered_at=moment,
+            entry_transition_id=7,
+        ),
+        lines=[RunLine(seq=0, kind="entered", reason="segment entry", occurred_at=moment)],
+        position=RunPosition(step="welcome", step_since=moment),
+    )
+
+
+def test_the_send_writes_the_run_bookkeeping_it_is_handed_once(
+    store_engine: Engine, stub: ProviderStub
+) -> None:
+    add_customer(store_engine, "c-1")
+    messenger = _messenger(store_engine, stub)
+    request = send_input("c-1", progress=_progress("c-1"))
+    assert messenger.send_message(request).status == "sent"
+    # A retry after the send writes nothing twice.
+    assert messenger.send_message(request).status == "sent"
+    assert [(line["seq"], line["kind"]) for line in run_events(store_engine)] == [
+        (0, "entered"),
+        (1, "sent"),
+    ]
+    with store_engine.connect() as conn:
+        [run] = run_store.customer_runs(conn, customer_id="c-1")
+    assert (run.status, run.step, run.entry_transition_id) == ("running", "welcome", 7)
+
+
+def test_a_refused_claim_writes_no_bookkeeping(
+    store_engine: Engine, stub: ProviderStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_customer(store_engine, "c-1")
+    request = send_input("c-1", progress=_progress("c-1"))
+    messenger = _messenger(store_engine, stub)
+    # Another attempt holds the key as it is being claimed: this one's transaction rolls
+    # back whole, its bookkeeping with it (the workflow hands it over again).
+    monkeypatch.setattr(message_store, "claim_send", lambda *args, **kwargs: None)
+    with pytest.raises(ApplicationError) as caught:
+        messenger.send_message(request)
+    assert caught.value.type == "SendInProgress"
+    assert run_events(store_engine) == []

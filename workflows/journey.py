@@ -2,9 +2,10 @@
 
 The run interprets the definition it was started with (never the store's), so editing
 or re-activating a journey never changes a run in flight. Every wait is a durable
-timer; every send is one `send_message` activity; timeline lines and the run's position
-are written by the local activity `record_run_progress`, which rides in the workflow
-task instead of costing a server round trip.
+timer; every send is one `send_message` activity, which also writes the timeline lines and
+position the run gathered since its last write; the other writes go through the local
+activity `record_run_progress`, which rides in the workflow task instead of costing a
+server round trip.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ STORE_RETRY = RetryPolicy(
 DEFAULT_DEFERRAL = timedelta(minutes=15)
 # Received events kept in state (and carried across continue-as-new).
 MAX_RECEIVED_EVENTS = 200
+# From this runtime on, the send activity writes the bookkeeping gathered before it;
+# runs started with an older one (their histories) keep their local activity.
+SEND_WRITES_PROGRESS = 2
 
 _EVENT_WORDS = {"email_clicked": "click", "email_opened": "open"}
 
@@ -127,7 +131,10 @@ class _ContinueAsNew(Exception):
     """Raised inside a wait when the history has grown past the threshold."""
 
 
-@workflow.defn(name=JOURNEY_WORKFLOW)
+# Outside the sandbox: it re-imports and wraps modules for every run, which cost about a
+# quarter of the worker's CPU per run (bench/realtime.py). This module stays deterministic
+# by its own rules (no I/O, clock or randomness; only core contracts imported).
+@workflow.defn(name=JOURNEY_WORKFLOW, sandboxed=False)
 class JourneyWorkflow:
     @workflow.init
     def __init__(self, input: JourneyInput) -> None:
@@ -285,33 +292,20 @@ class JourneyWorkflow:
         send_key = step_id if visit <= 1 else f"{step_id}#{visit}"
         while True:
             seq = self._next_seq()
-            await self._flush()
-            result: SendMessageResult = await workflow.execute_activity(
-                SEND_MESSAGE_ACTIVITY,
-                SendMessageInput(
-                    workflow_id=workflow.info().workflow_id,
-                    run_id=state.run_id,
-                    step_id=send_key,
-                    journey_slug=self._input.journey_slug,
-                    version=self._input.version,
-                    customer_id=self._input.customer_id,
-                    channel=step.type,
-                    template=step.template,
-                    in_doubt_policy=self._definition.in_doubt_policy,
-                    quiet_hours=self._definition.quiet_hours,
-                    frequency_cap=self._definition.frequency_cap,
-                    seq=seq,
-                    # Quiet hours and the cap are decided at the later of this and the
-                    # worker's clock: a worker whose clock is behind the server's (or the
-                    # time-skipping test server) must not find the timer it woke from early
-                    # and defer again to the same time, at once, in a loop.
-                    scheduled_at=workflow.now(),
-                ),
-                result_type=SendMessageResult,
-                start_to_close_timeout=SEND_TIMEOUT,
-                heartbeat_timeout=SEND_HEARTBEAT_TIMEOUT,
-                retry_policy=SEND_RETRY,
-            )
+            progress = None
+            if self._input.runtime >= SEND_WRITES_PROGRESS:
+                progress = self._take_progress()
+            else:
+                await self._flush()
+            try:
+                result = await self._send_message(step, send_key, seq, progress)
+            except ActivityError:
+                if progress is not None:
+                    # Not written (or written already: insert-if-absent): the run's own
+                    # write of its failure takes them along.
+                    self._lines = progress.lines + self._lines
+                    self._position_dirty = True
+                raise
             if result.status != "deferred":
                 return step.next
             until = result.deferred_until or workflow.now() + DEFAULT_DEFERRAL
@@ -323,6 +317,42 @@ class JourneyWorkflow:
             if self._interrupted():
                 return None
             self._move(step_id)
+
+    async def _send_message(
+        self,
+        step: EmailStep | SmsStep,
+        send_key: str,
+        seq: int,
+        progress: RecordRunProgressInput | None,
+    ) -> SendMessageResult:
+        state = self._state
+        return await workflow.execute_activity(
+            SEND_MESSAGE_ACTIVITY,
+            SendMessageInput(
+                workflow_id=workflow.info().workflow_id,
+                run_id=state.run_id,
+                step_id=send_key,
+                journey_slug=self._input.journey_slug,
+                version=self._input.version,
+                customer_id=self._input.customer_id,
+                channel=step.type,
+                template=step.template,
+                in_doubt_policy=self._definition.in_doubt_policy,
+                quiet_hours=self._definition.quiet_hours,
+                frequency_cap=self._definition.frequency_cap,
+                seq=seq,
+                # Quiet hours and the cap are decided at the later of this and the
+                # worker's clock: a worker whose clock is behind the server's (or the
+                # time-skipping test server) must not find the timer it woke from early
+                # and defer again to the same time, at once, in a loop.
+                scheduled_at=workflow.now(),
+                progress=progress,
+            ),
+            result_type=SendMessageResult,
+            start_to_close_timeout=SEND_TIMEOUT,
+            heartbeat_timeout=SEND_HEARTBEAT_TIMEOUT,
+            retry_policy=SEND_RETRY,
+        )
 
     async def _wait_for_event(
         self, step_id: str, step: WaitForEventStep, *, resume_wait: bool
@@ -475,10 +505,10 @@ class JourneyWorkflow:
         self._line(kind, reason, step=step if step is not None else state.step)
         self._position_dirty = True
 
-    async def _flush(self) -> None:
-        """Write pending timeline lines and the run's position (no server round trip)."""
+    def _take_progress(self) -> RecordRunProgressInput | None:
+        """The timeline lines and position not yet written, now handed over (or None)."""
         if not self._lines and not self._position_dirty:
-            return
+            return None
         state = self._state
         progress = RecordRunProgressInput(
             run=RunIdentity(
@@ -503,6 +533,13 @@ class JourneyWorkflow:
         )
         self._lines = []
         self._position_dirty = False
+        return progress
+
+    async def _flush(self) -> None:
+        """Write pending timeline lines and the run's position (no server round trip)."""
+        progress = self._take_progress()
+        if progress is None:
+            return
         await workflow.execute_local_activity(
             RECORD_RUN_PROGRESS_ACTIVITY,
             progress,

@@ -23,7 +23,14 @@ from activities.dispatch import TransitionDispatcher
 from activities.runs import RunActivities
 from core.journeys import JourneyDefinition
 from core.messages import SEND_MESSAGE_ACTIVITY, SendMessageInput, SendMessageResult
-from core.runs import JourneyEntry, JourneyInput, JourneyRunState, RunIdentity, RunLine
+from core.runs import (
+    CURRENT_RUNTIME,
+    JourneyEntry,
+    JourneyInput,
+    JourneyRunState,
+    RunIdentity,
+    RunLine,
+)
 from core.tables import Customer, Segment, utcnow
 from store import runs as run_store
 from workflows.dispatch import DispatcherWorkflow
@@ -78,7 +85,8 @@ class SendCall:
 @dataclass
 class FakeMessenger:
     """Registered under the real `send_message` name; records each call and, like the
-    real one, writes the run-timeline line at the `seq` it is given."""
+    real one, writes the run's bookkeeping it is handed and the run-timeline line at the
+    `seq` it is given."""
 
     engine: Engine
     respond: Callable[[SendMessageInput, int], SendMessageResult] | None = None
@@ -116,6 +124,12 @@ class FakeMessenger:
 
         def write() -> None:
             with self.engine.begin() as conn:
+                progress = request.progress
+                if progress is not None:
+                    # As the real send does: the run's bookkeeping it was handed.
+                    run_store.record_progress(
+                        conn, run=progress.run, lines=progress.lines, position=progress.position
+                    )
                 run_store.append_run_events(conn, run=run, lines=[line])
 
         await asyncio.to_thread(write)
@@ -172,6 +186,7 @@ def journey_input(
     threshold: int = 2_000,
     transition_id: int | None = 42,
     context: dict[str, Any] | None = None,
+    runtime: int = CURRENT_RUNTIME,
 ) -> JourneyInput:
     return JourneyInput(
         journey_slug=definition.slug,
@@ -186,6 +201,7 @@ def journey_input(
             context=context if context is not None else {"r": 5, "f": 4, "m": 5},
         ),
         history_event_threshold=threshold,
+        runtime=runtime,
     )
 
 
