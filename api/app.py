@@ -14,6 +14,7 @@ from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 
 from api.boundary import typed_request_bodies
+from api.console import build_console
 from api.cors import BrowserCors
 from api.deps import KeyCache, TemporalConnector
 from api.errors import ErrorBody, install_error_handlers
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await asyncio.to_thread(app.state.view_writer.close)
             await app.state.bulk_writer.close()
             await app.state.event_writer.close()
+            app.state.console.aggregates.close()
 
     app = FastAPI(
         title="journeys",
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     install_error_handlers(app)
     _include_routers(app)
+    app.mount("/console", build_console(app.state))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -36,11 +36,11 @@ def _value(value: Any) -> str:
 
 def _moment(value: str) -> str:
     if value.strip().upper().startswith("P"):
-        return f"{_human(value)} ago"
+        return f"{human_duration(value)} ago"
     return value
 
 
-def _human(duration: str | timedelta) -> str:
+def human_duration(duration: str | timedelta) -> str:
     """`P30D` -> `30 days`, `PT12H` -> `12 hours`; text that is no duration as written."""
     if isinstance(duration, str):
         try:
@@ -88,14 +88,16 @@ def event_text(node: EventCondition) -> str:
             for key in ("eq", "gte", "gt", "lte", "lt")
             if getattr(node.count, key) is not None
         ]
-        window = f" in the last {_human(node.within)}" if node.within is not None else " ever"
+        window = (
+            f" in the last {human_duration(node.within)}" if node.within is not None else " ever"
+        )
         return f"{' and '.join(bounds)} {name}{where}{window}"
     assert node.last is not None
     parts = []
     if node.last.more_than is not None:
-        parts.append(f"more than {_human(node.last.more_than)} ago")
+        parts.append(f"more than {human_duration(node.last.more_than)} ago")
     if node.last.less_than is not None:
-        parts.append(f"less than {_human(node.last.less_than)} ago")
+        parts.append(f"less than {human_duration(node.last.less_than)} ago")
     return f"last {name}{where} {' and '.join(parts)}"
 
 
