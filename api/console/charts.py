@@ -336,7 +336,8 @@ def forest_plot(
             bounds += [interval[0], interval[1]]
     low, high = min(bounds), max(bounds)
     pad = (high - low) * 0.08 or 0.1
-    low, high = low - pad, high + pad
+    # A lift is never below -100%: the scale stops there.
+    low, high = max(low - pad, -1.0) if low >= -1.0 else low - pad, high + pad
     plot_w = width - left - right
 
     def x(value: float) -> float:

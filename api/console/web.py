@@ -8,6 +8,7 @@ origin only, no inline script or style (the vendored htmx is configured through 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -29,6 +30,7 @@ from api.errors import details_from_pydantic
 from core.condition_text import human_duration
 from core.errors import ErrorDetail, JourneysError
 
+log = logging.getLogger("journeys.console")
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
@@ -78,7 +80,30 @@ class SecurityHeaders:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, with_headers)
+        started_response = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started_response
+            started_response = started_response or message["type"] == "http.response.start"
+            await with_headers(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            # A bug: logged, and answered here so that even this page carries the policy.
+            log.exception("console error")
+            if started_response:
+                raise
+            await tracked(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                }
+            )
+            await tracked(
+                {"type": "http.response.body", "body": b"internal error; it has been logged"}
+            )
 
 
 def _number(value: Any) -> str:
@@ -146,6 +171,7 @@ def render(
 ) -> HTMLResponse:
     env: Environment = request.app.state.console.templates
     user = context.pop("user", None)
+    context.setdefault("nav", "")
     html = env.get_template(template).render(
         request=request,
         user=user,
