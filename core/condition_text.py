@@ -80,7 +80,6 @@ def _filters(filters: list[PropertyFilter]) -> str:
 
 def event_text(node: EventCondition) -> str:
     """`at least 2 Purchase in the last 30 days`, `last Purchase more than 30 days ago`."""
-    name = "any event" if node.event == "*" else node.event
     where = _filters(node.where)
     if node.count is not None:
         bounds = [
@@ -91,6 +90,7 @@ def event_text(node: EventCondition) -> str:
         window = (
             f" in the last {human_duration(node.within)}" if node.within is not None else " ever"
         )
+        name = "events of any kind" if node.event == "*" else node.event
         return f"{' and '.join(bounds)} {name}{where}{window}"
     assert node.last is not None
     parts = []
@@ -98,6 +98,7 @@ def event_text(node: EventCondition) -> str:
         parts.append(f"more than {human_duration(node.last.more_than)} ago")
     if node.last.less_than is not None:
         parts.append(f"less than {human_duration(node.last.less_than)} ago")
+    name = "event of any kind" if node.event == "*" else node.event
     return f"last {name}{where} {' and '.join(parts)}"
 
 

@@ -213,7 +213,7 @@ def _describe(node: Any, row: Any, measure: Any, child_results: list[bool]) -> t
             return None, f"no matching {name}"
         latest = _to_time(measure, None)
         assert latest is not None
-        return latest.isoformat(), f"latest matching on {latest:%Y-%m-%d %H:%M} UTC"
+        return latest.isoformat(), f"the latest matching event was on {latest:%Y-%m-%d %H:%M} UTC"
     return None, ""
 
 
