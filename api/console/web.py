@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import contextmanager_in_threadpool
@@ -199,7 +200,9 @@ def error_page(request: Request, status: int, details: list[ErrorDetail]) -> Res
     if status == 401:
         path = request.url.path
         if request.method == "GET" and not is_htmx(request):
-            return RedirectResponse(url(request, "/sign-in") + f"?next={path}", status_code=303)
+            return RedirectResponse(
+                url(request, "/sign-in") + f"?next={quote(path, safe='/:')}", status_code=303
+            )
         return redirect(request, "/sign-in")
     from api.console.auth import signed_in_user
 
