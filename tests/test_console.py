@@ -532,3 +532,27 @@ def test_htmx_is_vendored_with_its_licence() -> None:
     script = (STATIC / "htmx" / "htmx.min.js").read_text()
     assert 'version:"2.0.11"' in script.replace(" ", "")
     assert "Zero-Clause BSD" in (STATIC / "htmx" / "LICENSE").read_text()
+
+
+def test_a_draft_campaign_reads_and_previews_for_a_customer(sqlite_engine: Engine) -> None:
+    from tests.utils.personalization import campaign
+    from tests.utils.segments import add_customer, add_label_segment
+
+    add_customer(sqlite_engine, "big", {"total_spent": 900, "first_name": "Ada"})
+    add_label_segment(sqlite_engine, "vip", [])
+    with api_harness(sqlite_engine) as api:
+        assert (
+            api.post("/v1/personalizations", json=campaign("home"), role="marketer").status_code
+            == 201
+        )
+        client = _client(api, "support")
+        page = client.get("/console/personalization/home?customer=big")
+        assert page.status_code == 200
+        assert "customers where total_spent &gt; 500" in page.text
+        bucket = re.search(r"Control bucket (\d+)", page.text)
+        assert bucket is not None
+        held_out = int(bucket.group(1)) < 1_000  # control_share 0.1
+        assert ("control group" if held_out else "experience Big spenders") in page.text
+        # Big spenders' own offer, or the default's empty one for a control customer.
+        assert ("Free shipping" in page.text) is not held_out
+        assert client.get("/console/personalization/nope").status_code == 404

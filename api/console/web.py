@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.console.auth import NotSignedIn
 from api.errors import details_from_pydantic
-from core.condition_text import human_duration
+from core.condition_text import condition_text, human_duration
 from core.errors import ErrorDetail, JourneysError
 
 log = logging.getLogger("journeys.console")
@@ -153,6 +153,7 @@ def make_environment() -> Environment:
         when=_when,
         ago=_ago,
         duration=human_duration,
+        readable=condition_text,
     )
     return env
 
