@@ -14,6 +14,7 @@ from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 
 from api.boundary import typed_request_bodies
+from api.console import build_console
 from api.cors import BrowserCors
 from api.deps import KeyCache, TemporalConnector
 from api.errors import ErrorBody, install_error_handlers
@@ -66,6 +67,7 @@ def create_app(
             await asyncio.to_thread(app.state.view_writer.close)
             await app.state.bulk_writer.close()
             await app.state.event_writer.close()
+            app.state.console.aggregates.close()
 
     app = FastAPI(
         title="journeys",
@@ -101,6 +103,7 @@ def create_app(
     app.add_middleware(HttpMetrics)  # added last: outermost, so it sees every answer
     install_error_handlers(app)
     _include_routers(app)
+    app.mount("/console", build_console(app.state))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -139,6 +142,7 @@ def _include_routers(app: FastAPI) -> None:
         analytics,
         customers,
         events,
+        explain,
         health,
         journeys,
         keys,
@@ -160,6 +164,7 @@ def _include_routers(app: FastAPI) -> None:
         keys,
         events,
         customers,
+        explain,
         rfm,
         segments,
         journeys,

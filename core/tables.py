@@ -193,6 +193,8 @@ class RfmPass(SQLModel, table=True):
     entries: int = Field(default=0, sa_column=Column(Integer, nullable=False))
     exits: int = Field(default=0, sa_column=Column(Integer, nullable=False))
     cutpoints: dict[str, Any] = _json()
+    # What the pass counted: labels, the R-by-F grid, label moves (store.scoring).
+    summary: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
 
 
 class RfmScore(SQLModel, table=True):

@@ -81,6 +81,14 @@ def verify_key(session: Session, *, secret: str) -> VerifiedKey | None:
     return VerifiedKey(row.id, row.role, row.name) if row else None
 
 
+def verify_key_id(session: Session, *, key_id: str) -> VerifiedKey | None:
+    """The live (not revoked) key with this id: a console session names its key by id."""
+    row = session.exec(
+        select(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+    ).first()
+    return VerifiedKey(row.id, row.role, row.name) if row else None
+
+
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.exec(select(ApiKey).order_by(ApiKey.created_at)))  # type: ignore[arg-type]
 

@@ -335,6 +335,7 @@ def score_model(
     params.update(rfm_model=model_slug, rfm_pass_id=pass_id, rfm_now=now)
     scored = _stage_scores(conn, scored_sql, params, expanding)
     _stage_changes(conn, params)
+    summary = _pass_summary(conn)
     newcomers = _write_changes(conn, params)
 
     step(2)
@@ -365,6 +366,7 @@ def score_model(
             entries=diff.entries,
             exits=diff.exits,
             cutpoints=cutpoints,
+            summary=summary,
         )
     )
     step(5)
@@ -459,6 +461,38 @@ def _stage_changes(conn: Connection, params: dict[str, Any]) -> None:
         text(f"CREATE TEMP TABLE rfm_changes{' ON COMMIT DROP' if pg else ''} AS {changes}"),
         params,
     )
+
+
+def _pass_summary(conn: Connection) -> dict[str, Any]:
+    """What this pass counts, from its stages: customers and monetary per label, the
+    R-by-F grid, and the label moves (`from` None: newly scored; `to` None: no longer
+    scored). Customers who kept their label are not moves; a label's stayers are its
+    count less the moves into it. Kept on the pass (`rfm_passes.summary`): the labels
+    held before a pass exist nowhere else once it has written."""
+    labels = conn.execute(
+        text("SELECT label, COUNT(*), SUM(monetary) FROM rfm_stage GROUP BY label")
+    ).all()
+    grid = [[0] * 5 for _ in range(5)]
+    for r, f, count in conn.execute(text("SELECT r, f, COUNT(*) FROM rfm_stage GROUP BY r, f")):
+        grid[r - 1][f - 1] = int(count)
+    moves = conn.execute(
+        text(
+            "SELECT old_label, label, COUNT(*) FROM rfm_changes WHERE old_label IS NULL"
+            " OR label IS NULL OR old_label <> label GROUP BY old_label, label"
+        )
+    ).all()
+    return {
+        "labels": {
+            # Money: summed floats leave noise like 88209.46000000005.
+            label: {"count": int(count), "monetary": round(float(money or 0), 2)}
+            for label, count, money in labels
+        },
+        "grid": grid,
+        "moves": [
+            {"from": old, "to": new, "customers": int(count)}
+            for old, new, count in sorted(moves, key=lambda row: (row[0] or "", row[1] or ""))
+        ],
+    }
 
 
 def _write_changes(conn: Connection, params: dict[str, Any]) -> int:

@@ -135,6 +135,28 @@ def compile_property_filters(
     )
 
 
+def compile_event_measure(
+    node: EventCondition, *, dialect: str, now: datetime, param_prefix: str | None = None
+) -> CompiledCondition:
+    """What an event condition compares, for one customer `c`, as a scalar expression built
+    from the very filters its condition compiles to: how many matching events (a `count`
+    condition, inside its window) or when the latest was (a `last` condition; NULL when
+    there is none). Shown beside a condition's result, never used to decide it."""
+    compiler = _Compiler(dialect, now, param_prefix, set_based=False)
+    if node.count is not None:
+        since = None if node.within is None else compiler.now - node.within
+        filters = " AND ".join(
+            ["e.customer_id = c.id", *compiler.event_filters(node, "e", since=since)]
+        )
+        sql = f"(SELECT COUNT(*) FROM events e WHERE {filters})"
+    else:
+        filters = " AND ".join(
+            ["e.customer_id = c.id", *compiler.event_filters(node, "e", since=None)]
+        )
+        sql = f"(SELECT MAX(e.occurred_at) FROM events e WHERE {filters})"
+    return CompiledCondition(sql=sql, params=compiler.params)
+
+
 class _Compiler:
     def __init__(self, dialect: str, now: datetime, prefix: str | None, *, set_based: bool):
         if dialect not in ("sqlite", "postgresql"):
