@@ -178,7 +178,9 @@ class RunPublic(RunSummary):
     """A run as the API shows it; `journey` names the journey as every other response does."""
 
     journey_slug: str = Field(
-        deprecated=True, description="the same as `journey`; kept for older clients"
+        # In the schema only: pydantic's `deprecated=True` would warn on every read.
+        json_schema_extra={"deprecated": True},
+        description="the same as `journey`; kept for older clients",
     )
 
     @computed_field

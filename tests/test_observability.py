@@ -103,8 +103,8 @@ async def test_one_trace_follows_a_purchase_from_the_api_to_the_send(
     (request,) = [s for s in spans if s.name == "POST /v1/events"]
     trace = [s for s in spans if s.context.trace_id == request.context.trace_id]
     names = {s.name for s in trace}
-    # The dispatcher's signal-with-start, inside the trace the API recorded.
-    assert "SignalWithStartWorkflow:JourneyWorkflow" in names, names
+    # The dispatcher's start of the run, inside the trace the API recorded.
+    assert "StartWorkflow:JourneyWorkflow" in names, names
     assert "RunWorkflow:JourneyWorkflow" in names, names
     assert "RunActivity:send_message" in names, names
     # Every span of the trace hangs from the request: no orphan, no second root.
