@@ -276,6 +276,7 @@ class DecideFastPath:
     def __init__(self, app: ASGIApp, *, state: State):
         self.app = app
         self.state = state
+        self.route = next(r for r in router.routes if getattr(r, "endpoint", None) is get_decision)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -287,6 +288,9 @@ class DecideFastPath:
             route = _DECIDE_ROUTE.match(scope["path"])
             body = await self._ordinary(scope, route.group(1)) if route else None
             if body is not None:
+                # As routing leaves them, for what wraps the app (metrics by route).
+                scope["route"] = self.route
+                scope["path_params"] = {"slug": route.group(1)}
                 headers = [(b"content-length", str(len(body)).encode()), _JSON_HEADERS]
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
