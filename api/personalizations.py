@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
@@ -256,15 +255,6 @@ async def decision_body(state: State, live: LiveCampaign, customer_id: str) -> b
 _DECIDE_ROUTE = re.compile(r"^/v1/personalizations/([^/]+)/decide$")
 
 
-@dataclass(frozen=True)
-class _AnsweredRoute:
-    """Stands in `scope["route"]` for an answer given before routing, so what reads the
-    route afterwards (the HTTP metrics' template label) need not match the path again."""
-
-    path: str
-
-
-_DECIDE_TEMPLATE = _AnsweredRoute("/v1/personalizations/{slug}/decide")
 DECIDE_ROLES = frozenset({"admin", "ingest", "web"})
 """The roles `BrowserKey` lets through (tests hold the two to each other)."""
 _JSON_HEADERS = (b"content-type", b"application/json")
@@ -288,6 +278,7 @@ class DecideFastPath:
     def __init__(self, app: ASGIApp, *, state: State):
         self.app = app
         self.state = state
+        self.route = next(r for r in router.routes if getattr(r, "endpoint", None) is get_decision)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -299,7 +290,9 @@ class DecideFastPath:
             route = _DECIDE_ROUTE.match(scope["path"])
             body = await self._ordinary(scope, route.group(1)) if route else None
             if body is not None:
-                scope["route"] = _DECIDE_TEMPLATE
+                # As routing leaves them, for what wraps the app (metrics by route).
+                scope["route"] = self.route
+                scope["path_params"] = {"slug": route.group(1)}
                 headers = [(b"content-length", str(len(body)).encode()), _JSON_HEADERS]
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await send({"type": "http.response.body", "body": body})

@@ -21,6 +21,7 @@ from tests.utils.segments import add_customer
 
 SLUG = "rfm-homepage"
 DECIDE = f"/v1/personalizations/{SLUG}/decide"
+DECIDE_TEMPLATE = "/v1/personalizations/{slug}/decide"
 SHOP = "https://shop.example.com"
 LABELS = ("champions", "regulars", "promising", "needs-attention", "at-risk")
 
@@ -43,6 +44,21 @@ def answered(monkeypatch) -> list[bool]:  # noqa: ANN001
         return body
 
     monkeypatch.setattr(personalizations.DecideFastPath, "_ordinary", spy)
+    return seen
+
+
+@pytest.fixture
+def routed(monkeypatch) -> list[tuple[Any, Any]]:  # noqa: ANN001
+    """The route and path parameters each request's scope held once answered: what a
+    middleware wrapping the app (metrics by route) sees."""
+    seen: list[tuple[Any, Any]] = []
+    call = personalizations.DecideFastPath.__call__
+
+    async def spy(self, scope, receive, send):  # noqa: ANN001, ANN202
+        await call(self, scope, receive, send)
+        seen.append((scope.get("route"), scope.get("path_params")))
+
+    monkeypatch.setattr(personalizations.DecideFastPath, "__call__", spy)
     return seen
 
 
@@ -77,20 +93,25 @@ def _both(api, method: str, url: str, headers: dict[str, str]) -> tuple[Any, Any
     return fast, slow
 
 
-def test_ordinary_decisions_are_answered_by_the_fast_path_as_by_the_route(api, answered) -> None:  # noqa: ANN001
+def test_ordinary_decisions_are_answered_by_the_fast_path_as_by_the_route(  # noqa: ANN001
+    api, answered, routed
+) -> None:
     customers = _customers(api)
     for role in ("web", "ingest", "admin"):  # the route's first call fills the key cache
         api.get(f"{DECIDE}?customer_id=warm", role=role)
     experiences = set()
+    (decide_route,) = [r for r in personalizations.router.routes if r.path == DECIDE_TEMPLATE]
     for customer in customers:
         for role in ("web", "ingest", "admin"):
             for extra in ({}, {"Origin": SHOP}, {"Origin": "https://elsewhere.example.com"}):
                 answered.clear()
+                routed.clear()
                 fast, slow = _both(api, "GET", f"{DECIDE}?customer_id={customer}", {
                     **api.headers(role), **extra,
                 })  # fmt: skip
                 assert fast == slow, (customer, role, extra)
                 assert fast[0] == 200 and answered == [True], (customer, role, extra)
+                assert routed[0] == routed[1] == (decide_route, {"slug": SLUG})
                 experiences.add(personalizations.orjson.loads(fast[2])["experience"])
     assert experiences >= {"Champions", "At Risk", CONTROL, "default"}
     api.client.app.state.view_writer.flush()
