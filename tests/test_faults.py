@@ -96,7 +96,7 @@ async def _kill_workers(
 
 @pytest.mark.parametrize(
     ("customers", "kills"),
-    [pytest.param(100, 3, id="short"), pytest.param(1000, 15, id="full", marks=FULL)],
+    [pytest.param(60, 2, id="short"), pytest.param(1000, 15, id="full", marks=FULL)],
 )
 async def test_workers_killed_again_and_again_mid_journey(
     tmp_path: Path, dev_server_env: Any, customers: int, kills: int
@@ -201,7 +201,7 @@ def _timeline_kinds(engine: Engine, journey: str) -> Counter[str]:
 
 @pytest.mark.parametrize(
     "customers",
-    [pytest.param(100, id="short"), pytest.param(1000, id="full", marks=FULL)],
+    [pytest.param(60, id="short"), pytest.param(1000, id="full", marks=FULL)],
 )
 async def test_provider_failing_and_timing_out(
     tmp_path: Path, dev_server_env: Any, customers: int
