@@ -493,6 +493,13 @@ async def soak(args: argparse.Namespace) -> None:
         headers = {"Authorization": f"Bearer {admin}"}
         with httpx.Client(base_url=stack.api_url, headers=headers, timeout=300) as api:
             set_up(api, args.customers, args.pause)
+        # The new profiles go through real-time processing first; the load starts after.
+        began = time.perf_counter()
+        while count(engine, "SELECT COUNT(*) FROM customers WHERE realtime_pending") > 0:
+            await asyncio.sleep(1)
+        print(
+            f"set up; real time caught up with the profiles in {time.perf_counter() - began:.0f} s"
+        )
         floor = await measure_floor(
             f"127.0.0.1:{stack.temporal_port}", stub.url, args.floor_samples
         )

@@ -75,17 +75,18 @@ async def _flow(
 
 
 async def _kill_workers(
-    c: Cluster, engine: Engine, journey: str, kills: int, *, every: float, seed: int = 3
+    c: Cluster, engine: Engine, journey: str, runs: int, kills: int, *, every: float
 ) -> int:
     """SIGKILL a worker every `every` seconds while runs are in flight, and start it
     again at once, as a supervisor would; the other keeps polling. Returns the kills."""
-    rng = random.Random(seed)
+    rng = random.Random(3)
     done = 0
     while done < kills:
         await asyncio.sleep(every * rng.uniform(0.5, 1.5))
-        if not run_statuses(engine, journey).get("running"):
-            if done and sum(run_statuses(engine, journey).values()):
-                break  # every run ended: nothing is left to kill in the middle of
+        statuses = run_statuses(engine, journey)
+        if sum(statuses.values()) - statuses.get("running", 0) >= runs:
+            break  # every run ended: nothing is left to kill in the middle of
+        if not statuses.get("running"):
             continue
         name = rng.choice(["worker-1", "worker-2"])
         c.kill(name)
@@ -116,7 +117,9 @@ async def test_workers_killed_again_and_again_mid_journey(
         async with c.client() as api:
             await set_up_journey(api, journey)
             await add_customers(api, ids)
-            killer = asyncio.create_task(_kill_workers(c, engine, "kills", kills, every=2.0))
+            killer = asyncio.create_task(
+                _kill_workers(c, engine, "kills", customers, kills, every=2.0)
+            )
             await _flow(api, "kills-crm", ids)
             killed = await killer
             await all_runs_ended(engine, "kills", customers, seconds=120 + customers / 2)
