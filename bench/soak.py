@@ -268,14 +268,21 @@ class Load:
         began = time.perf_counter()
         wall = time.time()
         try:
-            response = await api.post("/v1/events", json=event)
-            self.statuses[response.status_code] += 1
-            if response.status_code == 201:
-                self.latencies.append(time.perf_counter() - began)
-                if price >= BIG_PURCHASE:
-                    self.first_big.setdefault(customer, wall)
-        except httpx.HTTPError as exc:
-            self.errors[type(exc).__name__] += 1
+            # A client sends an event again (the same id) after a lost connection or a 503.
+            for _ in range(5):
+                try:
+                    response = await api.post("/v1/events", json=event)
+                except httpx.TransportError as exc:
+                    self.errors[type(exc).__name__] += 1
+                    continue
+                self.statuses[response.status_code] += 1
+                if response.status_code == 201:
+                    self.latencies.append(time.perf_counter() - began)
+                    if price >= BIG_PURCHASE:
+                        self.first_big.setdefault(customer, wall)
+                if response.status_code != 503:
+                    break
+                await asyncio.sleep(float(response.headers.get("retry-after", "1")))
         finally:
             self.sent += 1
             gate.release()
@@ -579,7 +586,7 @@ def report(
         f"{args.pause} wait, {args.workers} workers, {args.db}, a worker SIGKILLed every "
         f"{args.kill_every:.0f} s ({len(kills)} kills); drained in {drained:.0f} s after the load"
     )
-    print(f"answers {dict(load.statuses)}; client errors {dict(load.errors)}")
+    print(f"answers {dict(load.statuses)}; lost connections, sent again {dict(load.errors)}")
     print()
     print("sends")
     for what, n in checked.items():
