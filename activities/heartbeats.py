@@ -47,3 +47,15 @@ def heartbeating() -> Iterator[None]:
     finally:
         done.set()
         thread.join()
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold Temporal's cancellation of this (thread pool) activity until the block ends,
+    then raise it: a send must record what the provider answered, whatever happens to its
+    attempt meanwhile."""
+    if not activity.in_activity():
+        yield
+        return
+    with activity.shield_thread_cancel_exception():
+        yield

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.heartbeats import heartbeating
+from activities.heartbeats import heartbeating, uninterrupted
 from activities.send_policy import frequency_cap_release, quiet_hours_end
 from core.db import sqlite_writer_role
 from core.errors import NotFound
@@ -135,11 +135,12 @@ class MessagingActivities:
         with 5xx / 429 or did not answer raises a retryable ApplicationError so Temporal
         retries with backoff; a permanent refusal is recorded and returned as failed.
         Heartbeats while it runs, so an attempt whose worker died is retried within the
-        heartbeat timeout the journey gives it.
+        heartbeat timeout the journey gives it; a cancellation that a heartbeat brings
+        waits until the send is recorded.
         """
         role = sqlite_writer_role.set("send")
         try:
-            with heartbeating():
+            with heartbeating(), uninterrupted():
                 return SendOnce(self, send).run()
         finally:
             sqlite_writer_role.reset(role)

@@ -75,17 +75,18 @@ async def _flow(
 
 
 async def _kill_workers(
-    c: Cluster, engine: Engine, journey: str, kills: int, *, every: float, seed: int = 3
+    c: Cluster, engine: Engine, journey: str, runs: int, kills: int, *, every: float
 ) -> int:
     """SIGKILL a worker every `every` seconds while runs are in flight, and start it
     again at once, as a supervisor would; the other keeps polling. Returns the kills."""
-    rng = random.Random(seed)
+    rng = random.Random(3)
     done = 0
     while done < kills:
         await asyncio.sleep(every * rng.uniform(0.5, 1.5))
-        if not run_statuses(engine, journey).get("running"):
-            if done and sum(run_statuses(engine, journey).values()):
-                break  # every run ended: nothing is left to kill in the middle of
+        statuses = run_statuses(engine, journey)
+        if sum(statuses.values()) - statuses.get("running", 0) >= runs:
+            break  # every run ended: nothing is left to kill in the middle of
+        if not statuses.get("running"):
             continue
         name = rng.choice(["worker-1", "worker-2"])
         c.kill(name)
@@ -96,7 +97,7 @@ async def _kill_workers(
 
 @pytest.mark.parametrize(
     ("customers", "kills"),
-    [pytest.param(50, 2, id="short"), pytest.param(1000, 15, id="full", marks=FULL)],
+    [pytest.param(60, 2, id="short"), pytest.param(1000, 15, id="full", marks=FULL)],
 )
 async def test_workers_killed_again_and_again_mid_journey(
     tmp_path: Path, dev_server_env: Any, customers: int, kills: int
@@ -116,7 +117,9 @@ async def test_workers_killed_again_and_again_mid_journey(
         async with c.client() as api:
             await set_up_journey(api, journey)
             await add_customers(api, ids)
-            killer = asyncio.create_task(_kill_workers(c, engine, "kills", kills, every=2.0))
+            killer = asyncio.create_task(
+                _kill_workers(c, engine, "kills", customers, kills, every=2.0)
+            )
             await _flow(api, "kills-crm", ids)
             killed = await killer
             await all_runs_ended(engine, "kills", customers, seconds=120 + customers / 2)
@@ -201,7 +204,7 @@ def _timeline_kinds(engine: Engine, journey: str) -> Counter[str]:
 
 @pytest.mark.parametrize(
     "customers",
-    [pytest.param(50, id="short"), pytest.param(1000, id="full", marks=FULL)],
+    [pytest.param(60, id="short"), pytest.param(1000, id="full", marks=FULL)],
 )
 async def test_provider_failing_and_timing_out(
     tmp_path: Path, dev_server_env: Any, customers: int

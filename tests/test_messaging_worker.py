@@ -6,6 +6,7 @@ on the time-skipping server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import Engine
 from temporalio.api.enums.v1 import EventType, TimeoutType
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from activities.messaging import MessagingActivities
 from api.app import create_app
@@ -320,5 +321,38 @@ async def test_a_send_slower_than_its_heartbeat_timeout_is_not_cut_short(
         server.stop()
     assert final.status == "completed"
     assert started.attempt == 1
+    assert len(server.of_path("/v3/mail/send")) == 1
+    assert [row["status"] for row in message_rows(sqlite_engine)] == ["sent"]
+
+
+async def test_a_send_cancelled_in_flight_still_records_what_the_provider_answered(
+    sqlite_engine: Engine, dev_server_env: Any
+) -> None:
+    # The run is cancelled (its journey archived) while the provider call is in flight.
+    # The send's heartbeat brings the cancellation to the activity; it must not cut the
+    # send between the provider's answer and its record, which would leave it `sending`.
+    server = ProviderStub(delay_seconds=4).start()
+    try:
+        client = client_for(dev_server_env)
+        customer_id = f"c-{uuid.uuid4().hex[:8]}"
+        add_customer(sqlite_engine, customer_id)
+        messaging = MessagingActivities(engine=sqlite_engine, settings=provider_settings(server))
+        journey = _journey(("welcome", "champions/welcome.html"))
+        async with journey_worker(client, sqlite_engine, messaging) as task_queue:
+            handle = await _start(client, dev_server_env, journey, customer_id, task_queue)
+            for _ in range(600):  # a bound on waiting for the request, not a timed assertion
+                if server.of_path("/v3/mail/send"):
+                    break
+                await asyncio.sleep(0.05)
+            await handle.cancel()
+            # However the run takes it (it records the failed step and ends), it ends.
+            with contextlib.suppress(WorkflowFailureError):
+                await _result(handle)
+            for _ in range(300):  # the attempt records the answer once the provider gives it
+                if message_rows(sqlite_engine)[0]["status"] != "sending":
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        server.stop()
     assert len(server.of_path("/v3/mail/send")) == 1
     assert [row["status"] for row in message_rows(sqlite_engine)] == ["sent"]
