@@ -77,7 +77,7 @@ def _id_collations(engine) -> dict[tuple[str, str], str | None]:
 
 def test_ids_compare_as_bytes_on_postgres_and_the_migration_reverses(postgres_engine):
     collations = _id_collations(postgres_engine)
-    assert len(collations) == 11  # personalization_views.customer_id since 0009
+    assert len(collations) == 12  # prediction_scores.customer_id since 0010
     assert set(collations.values()) == {"C"}
 
     _migrate(postgres_engine, "0002")
