@@ -97,7 +97,9 @@ class PredictionActivities:
         except NotFound as exc:
             raise ApplicationError(exc.message, type="NotFound", non_retryable=True) from exc
         except NotEnoughHistory as exc:
-            raise ApplicationError(str(exc), type="NotEnoughHistory", non_retryable=True) from exc
+            raise ApplicationError(
+                exc.message, type="NotEnoughHistory", non_retryable=True
+            ) from exc
         log.info(
             "prediction training %s of %s: %s, %s scored in %s ms",
             outcome.training_id,

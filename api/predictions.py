@@ -28,7 +28,7 @@ from api.deps import EngineDep, MarketerKey, SupportKey, TemporalUnavailable
 from api.schedules import start_prediction_training, sync_prediction_schedule
 from core.bounds import Instant
 from core.cursors import decode_cursor, encode_cursor
-from core.errors import Conflict, ErrorDetail, ValidationFailed
+from core.errors import ErrorDetail, ValidationFailed
 from core.predictions import (
     PredictiveModelCreate,
     PredictiveModelPublic,
@@ -38,7 +38,7 @@ from core.predictions import (
 from core.tables import utcnow
 from store import predictions as prediction_store
 from store.failures import forget_record
-from store.prediction_training import NotEnoughHistory, train_and_score
+from store.prediction_training import train_and_score
 
 router = resource_router(prefix="/v1/predictive-models", tags=["predictions"])
 
@@ -74,10 +74,6 @@ class PredictionScorePublic(BaseModel):
 class PredictionScoresPublic(BaseModel):
     data: list[PredictionScorePublic]
     next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page.")
-
-
-class NotEnoughHistoryConflict(Conflict):
-    code = "not_enough_history"
 
 
 def _public(
@@ -230,10 +226,7 @@ def train(
                 )
             ]
         )
-    try:
-        outcome = train_and_score(engine, slug=slug, as_of=as_of)
-    except NotEnoughHistory as exc:
-        raise NotEnoughHistoryConflict(str(exc), field="as_of") from exc
+    outcome = train_and_score(engine, slug=slug, as_of=as_of)
     with engine.connect() as conn:
         return prediction_store.get_training(conn, training_id=outcome.training_id).public()
 

@@ -29,6 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from core.durations import format_duration
+from core.errors import Conflict
 from core.prediction_learning import (
     LEARNER,
     FeatureFrame,
@@ -52,8 +53,13 @@ Progress = Callable[[str], None]
 PASS_WORK_MEM = "256MB"
 
 
-class NotEnoughHistory(ValueError):
+class NotEnoughHistory(Conflict):
     """The store holds too little before T to train and validate (said in words)."""
+
+    code = "not_enough_history"
+
+    def __init__(self, message: str):
+        super().__init__(message, field="as_of")
 
 
 @dataclass(frozen=True)
