@@ -34,9 +34,7 @@ import numpy as np
 
 from core.predictions import CalibrationBin
 
-LEARNER = (
-    "HistGradientBoostingClassifier (scikit-learn), isotonic calibration over 3 shuffled folds"
-)
+LEARNER = "HistGradientBoostingClassifier (scikit-learn), isotonic calibration on out-of-fold predictions (3 shuffled folds)"
 MAX_TRAINING_ROWS = 400_000
 """Past this, a stratified sample of the training rows is fitted (time and memory)."""
 PARALLEL_ROWS = 100_000
@@ -168,7 +166,9 @@ def fit_model(
     folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=seed)
     # Isotonic needs data: with few rows per fold a sigmoid is the steadier map.
     method = "isotonic" if min(positives, len(y) - positives) >= 300 else "sigmoid"
-    estimator = CalibratedClassifierCV(trees, method=method, cv=folds)
+    # One estimator refitted on every row, its calibrator fitted on the out-of-fold
+    # predictions: scoring a customer costs one forest, not one per fold.
+    estimator = CalibratedClassifierCV(trees, method=method, cv=folds, ensemble=False)
     with _threads_for(len(y)):
         estimator.fit(matrix, y)
     return FittedModel(feature_names=names, estimator=estimator)
@@ -268,6 +268,17 @@ def fit_rate_table(scores: np.ndarray, outcomes: np.ndarray, prior_rows: float =
 # --- BG/NBD ----------------------------------------------------------------------------------
 
 
+def bgnbd_inputs(frame: FeatureFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(who did the target, their repeat days x, day of the last t_x, age in days) from
+    the target's own history: x counts distinct days after the first, as the model's
+    authors count CDNOW."""
+    seen = frame.column("target_count") > 0
+    x = frame.column("target_days")[seen] - 1
+    age = frame.column("target_tenure_days")[seen]
+    t_x = age - frame.column("target_recency_days")[seen]
+    return seen, x, t_x, age
+
+
 @dataclass(frozen=True)
 class BgNbdParams:
     r: float
@@ -284,15 +295,17 @@ def bgnbd_log_likelihood(
     from scipy.special import gammaln
 
     r, alpha, a, b = params.r, params.alpha, params.a, params.b
-    a1 = gammaln(r + x) - gammaln(r) + r * np.log(alpha)
-    a2 = gammaln(a + b) + gammaln(b + x) - gammaln(b) - gammaln(a + b + x)
-    a3 = -(r + x) * np.log(alpha + age)
-    repeat = x > 0
-    a4 = np.full_like(a3, -np.inf)
-    a4[repeat] = (
-        np.log(a) - np.log(b + x[repeat] - 1) - (r + x[repeat]) * np.log(alpha + t_x[repeat])
-    )
-    return a1 + a2 + np.logaddexp(a3, a4)
+    # The optimiser may try parameters where a term is infinite: the point is rejected.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        a1 = gammaln(r + x) - gammaln(r) + r * np.log(alpha)
+        a2 = gammaln(a + b) + gammaln(b + x) - gammaln(b) - gammaln(a + b + x)
+        a3 = -(r + x) * np.log(alpha + age)
+        repeat = x > 0
+        a4 = np.full_like(a3, -np.inf)
+        a4[repeat] = (
+            np.log(a) - np.log(b + x[repeat] - 1) - (r + x[repeat]) * np.log(alpha + t_x[repeat])
+        )
+        return a1 + a2 + np.logaddexp(a3, a4)
 
 
 def fit_bgnbd(x: np.ndarray, t_x: np.ndarray, age: np.ndarray) -> BgNbdParams:

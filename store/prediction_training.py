@@ -34,6 +34,7 @@ from core.prediction_learning import (
     LEARNER,
     FeatureFrame,
     FittedModel,
+    bgnbd_inputs,
     bgnbd_p_active,
     brier,
     calibration_table,
@@ -88,7 +89,7 @@ class TrainingOutcome:
     duration_ms: int
 
 
-def _tune(conn: Connection) -> None:
+def tune_for_reads(conn: Connection) -> None:
     """Sort and hash memory for whole-table feature reads (PostgreSQL's 4MB default
     spills the per-customer aggregate and the windows to disk)."""
     if conn.dialect.name == "postgresql":
@@ -135,13 +136,9 @@ def bgnbd_baseline(
     """P(target) by BG/NBD fitted on the holdout customers' target history up to its
     cutoff; customers who never did the target get the rate such customers had on the
     training rows (BG/NBD describes only customers after their first event)."""
-    frame = holdout.frame
-    seen = frame.column("target_count") > 0
-    x = frame.column("target_days")[seen] - 1
-    age = frame.column("target_tenure_days")[seen]
-    t_x = age - frame.column("target_recency_days")[seen]
+    seen, x, t_x, age = bgnbd_inputs(holdout.frame)
     horizon = definition.horizon.total_seconds() / 86_400
-    probabilities = np.empty(len(frame))
+    probabilities = np.empty(len(holdout.frame))
     if seen.any():
         params = fit_bgnbd(x, t_x, age)
         probabilities[seen] = bgnbd_p_active(params, x, t_x, age, horizon)
@@ -253,7 +250,7 @@ def score_everyone(
 ) -> int:
     """Score every customer with an event at or before `as_of` and replace the model's
     scores with them, in the caller's transaction; returns how many were scored."""
-    _tune(conn)
+    tune_for_reads(conn)
     frame = read_features(conn, definition, cutoff=as_of)
     probabilities = prediction_store.direction_probability(definition, fitted.predict(frame))
     model = prediction_store.get_model(conn, slug=slug)
@@ -285,7 +282,7 @@ def train_and_score(
     subject = FailureSubject("prediction_model", slug, "training")
     try:
         with engine.begin() as conn:  # reads only: commits nothing but the work_mem setting
-            _tune(conn)
+            tune_for_reads(conn)
             trained = train(conn, model.definition, as_of=as_of, progress=progress)
         if progress is not None:
             progress("scoring everyone")
