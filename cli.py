@@ -580,6 +580,63 @@ def score(
     finish(0)
 
 
+# --- predictive models ---
+
+predictions_app = typer.Typer(
+    help="Predictive models: train, validate against baselines, score everyone.",
+    no_args_is_help=True,
+)
+app.add_typer(predictions_app, name="predictions")
+
+
+@predictions_app.command("train")
+def predictions_train(
+    model: Annotated[str, typer.Argument(help="The predictive model's slug.")],
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            "--as-of",
+            help="Train on history before this ISO 8601 instant with a zone (default now).",
+        ),
+    ] = None,
+) -> None:
+    """Train MODEL as of an instant, score everyone, and print the holdout's figures
+    beside the RFM heuristic's and BG/NBD's."""
+    from datetime import UTC, datetime
+
+    from store.prediction_training import train_and_score
+
+    when = _instant_option(as_of, "as-of") or datetime.now(UTC)
+    engine = migrated_engine()
+    with console.status("starting") as status:
+        outcome = train_and_score(
+            engine, slug=model, as_of=when, progress=lambda step: status.update(step)
+        )
+    report = outcome.report
+    table = Table("method", "AUC", "Brier", title=f"holdout of {model!r} ({report.horizon})")
+    for figures in (report.model, *report.baselines):
+        auc = "-" if figures.auc is None else f"{figures.auc:.3f}"
+        table.add_row(figures.method, auc, f"{figures.brier:.4f}")
+    console.print(table)
+    calibration = Table("predicted", "customers", "mean predicted", "observed", title="calibration")
+    for row in report.model.calibration:
+        if row.customers:
+            calibration.add_row(
+                f"{row.lower:.1f}-{row.upper:.1f}",
+                f"{row.customers:,}",
+                f"{row.mean_predicted:.3f}",
+                f"{row.observed_rate:.3f}",
+            )
+    console.print(calibration)
+    colour = "green" if outcome.status == "ok" else "yellow"
+    console.print(f"[{colour}]{report.message}[/{colour}]", highlight=False)
+    console.print(
+        f"training {outcome.training_id} as of {when.isoformat()}: {outcome.scored:,} scored"
+        f" in {outcome.duration_ms:,} ms"
+    )
+    finish(0)
+
+
 # --- segments ---
 
 segments_app = typer.Typer(help="Evaluate rule-based segments.", no_args_is_help=True)

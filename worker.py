@@ -90,6 +90,7 @@ def workflow_classes() -> list[type]:
     """Every workflow the product runs."""
     from workflows.dispatch import DispatcherWorkflow
     from workflows.journey import JourneyWorkflow
+    from workflows.predictions import PredictionTrainingWorkflow
     from workflows.realtime import RealtimeWorkflow
     from workflows.scoring import RfmScoringWorkflow
     from workflows.segments import SegmentEvaluationWorkflow
@@ -100,6 +101,7 @@ def workflow_classes() -> list[type]:
         RealtimeWorkflow,
         RfmScoringWorkflow,
         SegmentEvaluationWorkflow,
+        PredictionTrainingWorkflow,
     ]
 
 
@@ -109,6 +111,7 @@ def activity_functions(
     """Every activity, bound to the store, the settings and the client it needs."""
     from activities.dispatch import TransitionDispatcher, signal_customer_events
     from activities.messaging import MessagingActivities
+    from activities.predictions import PredictionActivities
     from activities.realtime import RealtimeActivities
     from activities.runs import RunActivities
     from activities.scoring import ScoringActivities
@@ -130,6 +133,7 @@ def activity_functions(
         realtime.process_realtime,
         ScoringActivities(engine, settings).run_rfm_pass,
         SegmentActivities(engine).evaluate_segments,
+        PredictionActivities(engine).train_prediction_model,
         *MessagingActivities(engine=engine, settings=settings).all(),
         *RunActivities(engine).all(),
         *dispatcher.activities(),
@@ -166,10 +170,11 @@ def build_worker(
 
 def realtime_customer_steps() -> list[Any]:
     """What happens to a customer with a new event or changed attributes, in order:
-    RFM labels first, so rule segments that name a label see the new one."""
-    from activities.realtime import rescoring_step, segment_step
+    RFM labels and predictive scores first, so rule segments that name them see the new
+    ones."""
+    from activities.realtime import prediction_step, rescoring_step, segment_step
 
-    return [rescoring_step(), segment_step()]
+    return [rescoring_step(), prediction_step(), segment_step()]
 
 
 async def ensure_background_workflows(client: Client, settings: Settings) -> None:

@@ -189,3 +189,12 @@ def segment_step(now_factory: Callable[[], Any] = utcnow) -> CustomerStep:
         return reevaluate_customers(conn, customer_ids=customer_ids, now=now_factory())
 
     return step
+
+
+def prediction_step(now_factory: Callable[[], Any] = utcnow) -> CustomerStep:
+    from store.predictions import rescore_customers
+
+    def step(conn: Connection, customer_ids: Sequence[str]) -> object:
+        return rescore_customers(conn, customer_ids=customer_ids, now=now_factory())
+
+    return step

@@ -16,6 +16,7 @@ from api.runs import RunPublic
 from core.bounds import DataObject
 from core.errors import NotFound
 from core.events import CustomerBulkLine, CustomerIn
+from core.predictions import CustomerPrediction
 from core.tables import utcnow
 from store.customers import (
     customer_segments,
@@ -25,6 +26,7 @@ from store.customers import (
     upsert_customers,
 )
 from store.keys import VerifiedKey
+from store.predictions import customer_predictions
 from store.rfm_models import CustomerScore, customer_scores
 from store.runs import customer_runs
 
@@ -66,6 +68,9 @@ class CustomerPublic(BaseModel):
 
 class CustomerDetail(CustomerPublic):
     scores: list[CustomerScore] = Field(default_factory=list)
+    predictions: list[CustomerPrediction] = Field(
+        default_factory=list, description="each predictive model's probability and level"
+    )
     segments: list[SegmentMembershipPublic] = Field(default_factory=list)
     journeys: list[RunPublic] = Field(default_factory=list)
 
@@ -116,18 +121,26 @@ def patch(
 
 @router.get("/{customer_id}", response_model=CustomerDetail)
 def get(customer_id: CustomerId, engine: EngineDep, _: ReaderKey) -> CustomerDetail:
-    """The profile, each model's scores and label, segments, journey runs, subscriptions."""
+    """The profile, each RFM model's scores and label, each predictive model's probability
+    and level, segments, journey runs, subscriptions."""
     with engine.connect() as conn:
         row = get_customer(conn, customer_id=customer_id)
         if row is None:
             raise NotFound(f"no customer {customer_id}", field="customer_id")
         segments = customer_segments(conn, customer_id=customer_id)
         scores = customer_scores(conn, customer_id=customer_id)
+        predictions = customer_predictions(conn, customer_id=customer_id)
         journeys = [
             RunPublic.model_validate(run.model_dump(exclude={"timeline"}))
             for run in customer_runs(conn, customer_id=customer_id)
         ]
-    return CustomerDetail(**_public(row), segments=segments, scores=scores, journeys=journeys)
+    return CustomerDetail(
+        **_public(row),
+        segments=segments,
+        scores=scores,
+        predictions=predictions,
+        journeys=journeys,
+    )
 
 
 @router.post(

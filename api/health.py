@@ -21,7 +21,7 @@ from store.keys import VerifiedKey
 
 FailureReader = Annotated[VerifiedKey, Depends(require_role("support"))]
 FailureKindQuery = Annotated[
-    Literal["customer", "segment", "rfm_model", "journey", "transition"] | None,
+    Literal["customer", "segment", "rfm_model", "journey", "transition", "prediction_model"] | None,
     Query(description="only failures of this kind"),
 ]
 
@@ -117,7 +117,9 @@ async def readyz(request: Request, response: Response) -> Readiness:
 
 class FailurePublic(BaseModel):
     id: int
-    kind: str = Field(description="customer | segment | rfm_model | journey | transition")
+    kind: str = Field(
+        description="customer | segment | rfm_model | journey | transition | prediction_model"
+    )
     key: str = Field(description="the record's id or slug")
     stage: str = Field(description="realtime | segment_pass | rfm_pass | dispatch")
     error: str

@@ -26,6 +26,12 @@ from temporalio.client import (
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from core.predictions import (
+    PREDICTION_TRAINING_WORKFLOW,
+    PredictionTrainingInput,
+    prediction_save_workflow_id,
+    prediction_schedule_id,
+)
 from core.rfm import (
     RFM_SCORING_WORKFLOW,
     RfmScoringInput,
@@ -148,6 +154,42 @@ async def start_rfm_pass(client: Client, *, model_slug: str, version: int, task_
         RFM_SCORING_WORKFLOW,
         RfmScoringInput(model_slug=model_slug, version=version),
         id=rfm_save_workflow_id(model_slug, version),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+
+
+async def sync_prediction_schedule(
+    client: Client, *, model_slug: str, every: timedelta | None, task_queue: str
+) -> None:
+    """Make the predictive model's training schedule match `every` (None: no schedule);
+    each run trains as of its own start time and rescores everyone."""
+    schedule_id = prediction_schedule_id(model_slug)
+    if every is None:
+        await delete_schedule(client, schedule_id=schedule_id)
+        return
+    schedule = _interval_schedule(
+        PREDICTION_TRAINING_WORKFLOW,
+        PredictionTrainingInput(model_slug=model_slug),
+        workflow_id=schedule_id,
+        every=every,
+        task_queue=task_queue,
+    )
+    schedule.state = ScheduleState(
+        note=f"training of predictive model {model_slug!r}, every {every}"
+    )
+    await upsert_schedule(client, schedule_id=schedule_id, schedule=schedule)
+
+
+async def start_prediction_training(
+    client: Client, *, model_slug: str, version: int, task_queue: str
+) -> None:
+    """Train `model_slug` at `version` now, durably: a first training per saved version."""
+    await client.start_workflow(
+        PREDICTION_TRAINING_WORKFLOW,
+        PredictionTrainingInput(model_slug=model_slug, version=version),
+        id=prediction_save_workflow_id(model_slug, version),
         task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,

@@ -8,6 +8,11 @@ A condition is JSON; groups nest at most 10 deep and a condition has at most 200
   {"event": "Purchase", "count": {"gte": 2}, "within": "P30D",
    "where": [{"property": "total_price", "op": "gte", "value": 100}]}
   {"event": "Purchase", "last": {"more_than": "P30D"}}   ("event": "*" = any event)
+  {"event": "Purchase", "count": {"gte": 1},
+   "between": ["2023-05-15T00:00:00Z", "2023-06-01T00:00:00Z"]}   (a fixed window: from <=
+   occurred_at < to, both with a zone, from before to; instead of within)
+  {"prediction": "buy-90d", "level": "high"}   (a predictive model's level: low, medium, high)
+  {"prediction": "buy-90d", "op": "gte", "value": 0.6}   (its probability: gt, gte, lt, lte)
 
 Value types per operator (checked on parse):
   eq, ne          a string, a number or a boolean
@@ -45,7 +50,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.bounds import MAX_CONDITION_DEPTH, MAX_CONDITION_NODES, number_problem, text_problem
+from core.bounds import (
+    MAX_CONDITION_DEPTH,
+    MAX_CONDITION_NODES,
+    MAX_INSTANT,
+    MIN_INSTANT,
+    Instant,
+    number_problem,
+    text_problem,
+)
 from core.durations import Duration, parse_duration
 from core.errors import ErrorDetail, ValidationFailed
 
@@ -56,6 +69,10 @@ PropertyOp = AttributeOp
 
 ATTRIBUTE_OPS: tuple[str, ...] = AttributeOp.__args__  # type: ignore[attr-defined]
 COUNT_BOUNDS = ("eq", "gte", "gt", "lte", "lt")
+PREDICTION_LEVELS = ("low", "medium", "high")
+PREDICTION_OPS = ("gt", "gte", "lt", "lte")
+PredictionLevel = Literal["low", "medium", "high"]
+PredictionOp = Literal["gt", "gte", "lt", "lte"]
 LAST_BOUNDS = ("more_than", "less_than")
 MAX_IN_VALUES = 1_000
 
@@ -150,6 +167,7 @@ class EventCondition(_Strict):
     event: str = Field(min_length=1)
     count: CountRange | None = None
     within: Duration | None = None
+    between: tuple[Instant, Instant] | None = None
     last: LastRange | None = None
     where: list[PropertyFilter] = Field(default_factory=list)
 
@@ -159,6 +177,28 @@ class EventCondition(_Strict):
             raise ValueError("an event condition takes exactly one of count or last")
         if self.within is not None and self.count is None:
             raise ValueError("within goes with count; last carries its own durations")
+        if self.between is not None:
+            problem = between_error(self.between, has_count=self.count is not None)
+            if problem or self.within is not None:
+                raise ValueError(problem or "an event condition takes within or between, not both")
+        return self
+
+
+class PredictionCondition(_Strict):
+    """A customer's score on a predictive model: its level, or its probability compared."""
+
+    prediction: str = Field(min_length=1, max_length=100)
+    level: PredictionLevel | None = None
+    op: PredictionOp | None = None
+    value: float | None = None
+
+    @model_validator(mode="after")
+    def _level_or_comparison(self) -> PredictionCondition:
+        problem = prediction_error(
+            level=self.level, op=self.op, value=self.value, has_value=self.value is not None
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -173,6 +213,7 @@ def _kind(value: Any) -> str | None:
             ("attribute", "AttributeCondition"),
             ("segment", "SegmentCondition"),
             ("event", "EventCondition"),
+            ("prediction", "PredictionCondition"),
         ):
             if key in value:
                 return name
@@ -212,12 +253,14 @@ Condition = Annotated[
     | Annotated[NotOf, Tag("NotOf")]
     | Annotated[AttributeCondition, Tag("AttributeCondition")]
     | Annotated[SegmentCondition, Tag("SegmentCondition")]
-    | Annotated[EventCondition, Tag("EventCondition")],
+    | Annotated[EventCondition, Tag("EventCondition")]
+    | Annotated[PredictionCondition, Tag("PredictionCondition")],
     Discriminator(
         _kind,
         custom_error_type="invalid_condition",
         custom_error_message=(
-            "a condition is an object with one of: all, any, not, attribute, segment, event"
+            "a condition is an object with one of: all, any, not, attribute, segment, event,"
+            " prediction"
         ),
     ),
     AfterValidator(_bounded),
@@ -281,6 +324,50 @@ def resolve_moment(value: str, now: datetime) -> datetime:
     return parse_instant(value)
 
 
+def between_error(window: Any, *, has_count: bool) -> str | None:
+    """Why `window` is not a fixed window [from, to) for an event count, or None."""
+    if not has_count:
+        return "between goes with count"
+    if not isinstance(window, list | tuple) or len(window) != 2:
+        return "between takes [from, to]: two timestamps with a zone"
+    moments = []
+    for value in window:
+        if isinstance(value, datetime):
+            moment = value
+            if moment.tzinfo is None:
+                return "between takes timestamps with a zone"
+        elif isinstance(value, str):
+            try:
+                moment = parse_instant(value)
+            except ValueError as exc:
+                return f"between takes timestamps with a zone: {exc}"
+        else:
+            return "between takes [from, to]: two timestamps with a zone"
+        if not MIN_INSTANT <= moment < MAX_INSTANT:
+            return "between takes times from 1900-01-01 to 2200-01-01 (UTC)"
+        moments.append(moment)
+    if moments[0] >= moments[1]:
+        return "between takes [from, to] with from before to"
+    return None
+
+
+def prediction_error(*, level: Any, op: Any, value: Any, has_value: bool) -> str | None:
+    """Why a prediction condition's level / op / value do not fit, or None."""
+    if level is not None:
+        if op is not None or has_value:
+            return "a prediction condition takes a level, or an op and a value, not both"
+        if level not in PREDICTION_LEVELS:
+            return f"level is one of {', '.join(PREDICTION_LEVELS)}"
+        return None
+    if op is None:
+        return "a prediction condition takes a level, or an op and a value"
+    if op not in PREDICTION_OPS:
+        return f"op is one of {', '.join(PREDICTION_OPS)}"
+    if not _is_number(value) or not 0 <= value <= 1:
+        return "value is a probability, a number from 0 to 1"
+    return None
+
+
 def value_error(op: str, value: Any, kind: str | None) -> str | None:
     """Why `value` does not suit `op` on an attribute of `kind` (None: JSON), or None."""
     if op in ("before", "after"):
@@ -322,14 +409,15 @@ def value_error(op: str, value: Any, kind: str | None) -> str | None:
 
 # --- parse_condition: raw JSON to a Condition, every error with its JSON path ----------
 
-_KIND_KEYS = ("all", "any", "not", "attribute", "segment", "event")
+_KIND_KEYS = ("all", "any", "not", "attribute", "segment", "event", "prediction")
 _ALLOWED_KEYS = {
     "all": {"all"},
     "any": {"any"},
     "not": {"not"},
     "attribute": {"attribute", "op", "value"},
     "segment": {"segment"},
-    "event": {"event", "count", "within", "last", "where"},
+    "event": {"event", "count", "within", "between", "last", "where"},
+    "prediction": {"prediction", "level", "op", "value"},
 }
 
 
@@ -426,8 +514,33 @@ def _check_node(raw: Any, path: str, errors: list[ErrorDetail]) -> None:
     elif kind == "segment":
         if not isinstance(raw["segment"], str) or not raw["segment"]:
             _err(errors, "invalid", "segment takes a segment slug", f"{path}.segment")
+    elif kind == "prediction":
+        _check_prediction(raw, path, errors)
     else:
         _check_event(raw, path, errors)
+
+
+def _check_prediction(raw: dict[str, Any], path: str, errors: list[ErrorDetail]) -> None:
+    slug = raw["prediction"]
+    if not isinstance(slug, str) or not 1 <= len(slug) <= 100:
+        _err(errors, "invalid", "prediction takes a predictive model's slug", f"{path}.prediction")
+    if "level" not in raw and "op" not in raw:
+        _err(
+            errors,
+            "missing_field",
+            "a prediction condition takes a level, or an op and a value",
+            path,
+        )
+        return
+    if "op" in raw and "value" not in raw:
+        _err(errors, "missing_field", f"{raw['op']} needs a value", f"{path}.value")
+        return
+    problem = prediction_error(
+        level=raw.get("level"), op=raw.get("op"), value=raw.get("value"), has_value="value" in raw
+    )
+    if problem:
+        field = "value" if problem.startswith("value") else "op" if "level" not in raw else "level"
+        _err(errors, "invalid_value", problem, f"{path}.{field}")
 
 
 def _check_comparison(
@@ -476,6 +589,12 @@ def _check_event(raw: dict[str, Any], path: str, errors: list[ErrorDetail]) -> N
         if not has_count:
             _err(errors, "invalid", "within goes with count", f"{path}.within")
         _check_duration(raw["within"], f"{path}.within", errors)
+    if "between" in raw:
+        problem = between_error(raw["between"], has_count=has_count)
+        if problem is None and "within" in raw:
+            problem = "an event condition takes within or between, not both"
+        if problem:
+            _err(errors, "invalid_value", problem, f"{path}.between")
     if has_count:
         _check_bounds(raw["count"], f"{path}.count", COUNT_BOUNDS, errors, durations=False)
     if has_last:
@@ -542,4 +661,13 @@ def referenced_segments(condition: Condition, path: str = "condition") -> list[t
         (node_path, node.segment)
         for node_path, node in iter_nodes(condition, path)
         if isinstance(node, SegmentCondition)
+    ]
+
+
+def referenced_predictions(condition: Condition, path: str = "condition") -> list[tuple[str, str]]:
+    """`(json path, slug)` of every predictive model the condition names, in document order."""
+    return [
+        (node_path, node.prediction)
+        for node_path, node in iter_nodes(condition, path)
+        if isinstance(node, PredictionCondition)
     ]

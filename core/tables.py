@@ -19,6 +19,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -548,3 +549,62 @@ class PersonalizationView(SQLModel, table=True):
     first_viewed_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     last_viewed_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     views: int = Field(default=1, sa_column=Column(BigInteger, nullable=False))
+
+
+# --- predictive models --------------------------------------------------------------------
+
+
+class PredictionModel(SQLModel, table=True):
+    """A predictive model: target, direction, levels, features (core.predictions)."""
+
+    __tablename__ = "prediction_models"
+
+    slug: str = Field(sa_column=Column(String(100), primary_key=True))
+    version: int = Field(default=1, sa_column=Column(Integer, nullable=False))
+    definition: dict[str, Any] = _json()
+    created_at: datetime = _now_ts()
+    updated_at: datetime = _now_ts()
+
+
+class PredictionTraining(SQLModel, table=True):
+    """One training as of an instant: the definition it trained, its validation report
+    and the fitted estimator (pickled) that scoring and real-time rescoring apply."""
+
+    __tablename__ = "prediction_trainings"
+    __table_args__ = (
+        Index("ix_prediction_trainings_model_id", "model_slug", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True)
+    )
+    model_slug: str = Field(sa_column=Column(String(100), nullable=False))
+    model_version: int = Field(sa_column=Column(Integer, nullable=False))
+    definition: dict[str, Any] = _json()
+    as_of: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    started_at: datetime = _now_ts()
+    finished_at: datetime | None = _ts(nullable=True)
+    # training | ok | worse_than_rfm | failed
+    status: str = Field(sa_column=Column(String(30), nullable=False))
+    report: dict[str, Any] = _json()
+    artifact: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    scored: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class PredictionScore(SQLModel, table=True):
+    """A customer's latest probability on a model and its level (from the model's levels)."""
+
+    __tablename__ = "prediction_scores"
+    __table_args__ = (
+        # Room for HOT updates: every training and real-time rescore rewrites rows.
+        {"postgresql_with": {"fillfactor": 50}},
+    )
+
+    model_slug: str = Field(sa_column=Column(String(100), primary_key=True))
+    customer_id: str = Field(sa_column=Column(IdString, primary_key=True))
+    probability: float = Field(sa_column=Column(Float, nullable=False))
+    level: str = Field(sa_column=Column(String(10), nullable=False))
+    training_id: int = Field(sa_column=Column(BigId, nullable=False))
+    scored_at: datetime = _now_ts()

@@ -22,8 +22,10 @@ from core.errors import JourneysError
 from core.metrics import count_quarantined
 from core.tables import UTCDateTime
 
-FailureKind = Literal["customer", "segment", "rfm_model", "journey", "transition"]
-FailureStage = Literal["realtime", "segment_pass", "rfm_pass", "dispatch"]
+FailureKind = Literal[
+    "customer", "segment", "rfm_model", "journey", "transition", "prediction_model"
+]
+FailureStage = Literal["realtime", "segment_pass", "rfm_pass", "dispatch", "training"]
 
 MAX_BACKOFF = timedelta(hours=1)
 MAX_ERROR_LENGTH = 2_000

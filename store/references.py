@@ -32,7 +32,12 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
-from core.conditions import CONDITION_ADAPTER, referenced_segments
+from core.conditions import (
+    CONDITION_ADAPTER,
+    Condition,
+    referenced_predictions,
+    referenced_segments,
+)
 from core.db import take_sqlite_write_lock
 from core.errors import Conflict, ErrorDetail
 from core.journeys import BranchStep, EmailStep, JourneyDefinition, SmsStep
@@ -47,7 +52,7 @@ UserKind = Literal["segment", "rfm_model", "journey", "personalization"]
 class Reference:
     """One place that names a segment or a template, and who holds it."""
 
-    target_kind: Literal["segment", "template"]
+    target_kind: Literal["segment", "template", "prediction"]
     target: str  # the segment slug or template path named
     user_kind: UserKind
     user: str  # slug of the segment, RFM model or journey holding the reference
@@ -64,7 +69,8 @@ class Reference:
         return f"{kind} {self.user} {self.path}"
 
     def message(self) -> str:
-        return f"{self.target_kind} {self.target!r} is used by {self.user_text()}"
+        kind = "predictive model" if self.target_kind == "prediction" else self.target_kind
+        return f"{kind} {self.target!r} is used by {self.user_text()}"
 
 
 def refuse_if_used(references: Sequence[Reference], *, field: str) -> None:
@@ -252,3 +258,81 @@ def template_users(session: Store, *, path: str) -> list[Reference]:
         for r in _journey_references(_connection(session))
         if r.target_kind == "template" and r.target == path
     ]
+
+
+# --- predictive models ------------------------------------------------------------------
+
+
+def prediction_users(session: Store, *, slug: str) -> list[Reference]:
+    """Every condition naming predictive model `slug`: rule segments, RFM models'
+    targeting, branch conditions of journeys not archived (their active version and
+    latest draft), and audiences of campaigns not archived (the same versions)."""
+    conn = _connection(session)
+    found: list[Reference] = []
+
+    def named(condition: Condition, path: str, **user: Any) -> None:
+        found.extend(
+            Reference("prediction", name, path=at, **user)
+            for at, name in referenced_predictions(condition, path)
+            if name == slug
+        )
+
+    rows = conn.execute(
+        text("SELECT slug, condition FROM segments WHERE kind = 'rule' ORDER BY slug").columns(
+            condition=JSONType
+        )
+    )
+    for user, condition in rows:
+        if condition:
+            named(
+                CONDITION_ADAPTER.validate_python(condition),
+                "condition",
+                user_kind="segment",
+                user=user,
+            )
+    rows = conn.execute(
+        text("SELECT slug, definition FROM rfm_models ORDER BY slug").columns(definition=JSONType)
+    )
+    for user, definition in rows:
+        if definition.get("targeting"):
+            named(
+                CONDITION_ADAPTER.validate_python(definition["targeting"]),
+                "targeting",
+                user_kind="rfm_model",
+                user=user,
+            )
+    for journey, standing, version, raw in _live_journey_versions(conn):
+        steps = JourneyDefinition.model_validate(raw).steps
+        for step_id, step in steps.items():
+            if isinstance(step, BranchStep):
+                for i, case in enumerate(step.branches):
+                    named(
+                        case.condition,
+                        f"steps.{step_id}.branches[{i}].condition",
+                        user_kind="journey",
+                        user=journey,
+                        journey_state=standing,
+                        journey_version=version,
+                    )
+    rows = conn.execute(
+        text(
+            "SELECT p.slug, p.state, p.active_version, v.version, v.definition"
+            " FROM personalizations p JOIN personalization_versions v"
+            " ON v.campaign_slug = p.slug"
+            " AND (v.version = p.active_version OR v.version = p.latest_version)"
+            " WHERE p.state <> 'archived' ORDER BY p.slug, v.version"
+        ).columns(definition=JSONType)
+    )
+    for campaign, state, active, version, raw in rows:
+        definition = PersonalizationDefinition.model_validate(raw)
+        for i, experience in enumerate(definition.experiences):
+            if experience.condition is not None:
+                named(
+                    experience.condition,
+                    f"experiences[{i}].condition",
+                    user_kind="personalization",
+                    user=campaign,
+                    journey_state=state if version == active else "draft",
+                    journey_version=version,
+                )
+    return found

@@ -35,10 +35,12 @@ from core.conditions import (
     Condition,
     EventCondition,
     NotOf,
+    PredictionCondition,
     PropertyFilter,
     SegmentCondition,
     column_kind,
     parse_condition,
+    referenced_predictions,
     referenced_segments,
     resolve_moment,
 )
@@ -211,6 +213,8 @@ class _Compiler:
             return self.segment_leaf(node.segment)
         if isinstance(node, EventCondition):
             return self.event_leaf(node)
+        if isinstance(node, PredictionCondition):
+            return self.prediction_leaf(node)
         raise TypeError(f"not a condition: {node!r}")
 
     # -- attribute leaves: never NULL, so NOT and ne behave --
@@ -361,6 +365,11 @@ class _Compiler:
             where.append(f"{alias}.name = {self.bind(node.event)}")
         if since is not None:
             where.append(f"{alias}.occurred_at > {self.bind_time(since)}")
+        if node.between is not None:
+            # A fixed window [from, to); still nothing after `now`, as every leaf reads.
+            start, end = node.between
+            where.append(f"{alias}.occurred_at >= {self.bind_time(start)}")
+            where.append(f"{alias}.occurred_at < {self.bind_time(end)}")
         where.append(f"{alias}.occurred_at <= {self.bind_time(self.now)}")
         where.extend(self.property_leaf(f, alias) for f in node.where)
         return where
@@ -441,6 +450,28 @@ class _Compiler:
             )
             parts.append(f"EXISTS (SELECT 1 FROM events e WHERE {recent})")
         return "(" + " AND ".join(parts) + ")"
+
+    # -- prediction leaves: the stored score of the customer on a predictive model --
+    def prediction_leaf(self, node: PredictionCondition) -> str:
+        slug = self.bind(node.prediction)
+
+        def test(alias: str) -> str:
+            if node.level is not None:
+                return f"{alias}.level = {self.bind(node.level)}"
+            assert node.op is not None and node.value is not None
+            return f"{alias}.probability {_SQL_OP[node.op]} {self.bind(float(node.value))}"
+
+        if not self.set_based:
+            return (
+                "EXISTS (SELECT 1 FROM prediction_scores ps"
+                f" WHERE ps.model_slug = {slug} AND ps.customer_id = c.id AND {test('ps')})"
+            )
+        alias = self.alias("ps")
+        self.joins.append(
+            f"LEFT JOIN prediction_scores {alias}"
+            f" ON {alias}.model_slug = {slug} AND {alias}.customer_id = c.id"
+        )
+        return f"COALESCE({test(alias)}, FALSE)"
 
 
 _SQL_OP = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<=", "eq": "=", "ne": "<>"}
@@ -545,6 +576,9 @@ def validate_definition(
     """Parse a rule segment's condition and check its references: every segment it names
     exists, and saving it would close no cycle. Errors name the offending node's path."""
     parsed = parse_condition(condition, path=path)
+    unknown = _unknown_predictions(conn, parsed, path)
+    if unknown:
+        raise ValidationFailed(unknown)
     refs = referenced_segments(parsed, path)
     if not refs:
         return parsed
@@ -572,6 +606,29 @@ def validate_definition(
     if errors:
         raise ValidationFailed(errors)
     return parsed
+
+
+def _unknown_predictions(conn: Connection, parsed: Condition, path: str) -> list[ErrorDetail]:
+    """One error per predictive model the condition names that does not exist. The named
+    models are share-locked (PostgreSQL), so a delete waits for this save."""
+    refs = referenced_predictions(parsed, path)
+    if not refs:
+        return []
+    known = set(
+        conn.execute(
+            text(
+                f"SELECT slug FROM prediction_models WHERE slug IN :slugs{share_lock_clause(conn)}"
+            ).bindparams(bindparam("slugs", expanding=True)),
+            {"slugs": sorted({slug for _, slug in refs})},
+        ).scalars()
+    )
+    return [
+        ErrorDetail(
+            "unknown_prediction", f"no predictive model {slug!r}", f"{node_path}.prediction"
+        )
+        for node_path, slug in refs
+        if slug not in known
+    ]
 
 
 def _hold_referenced(conn: Connection, slugs: list[str]) -> None:

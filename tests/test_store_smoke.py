@@ -77,7 +77,9 @@ def _id_collations(engine) -> dict[tuple[str, str], str | None]:
 
 def test_ids_compare_as_bytes_on_postgres_and_the_migration_reverses(postgres_engine):
     collations = _id_collations(postgres_engine)
-    assert len(collations) == 12  # personalization_views (0009), trace_handoffs (0010)
+    assert (
+        len(collations) == 13
+    )  # personalization_views (0009), trace_handoffs (0010), prediction_scores (0012)
     assert set(collations.values()) == {"C"}
 
     _migrate(postgres_engine, "0002")

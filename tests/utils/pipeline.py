@@ -18,6 +18,7 @@ from temporalio.service import RPCError
 
 from api.app import create_app
 from core.observability import temporal_tracing_interceptors
+from core.predictions import PREDICTION_TRAINING_WORKFLOW
 from core.rfm import RFM_SCORING_WORKFLOW
 from core.segments import SEGMENT_WORKFLOW
 from store.keys import create_key
@@ -30,7 +31,7 @@ async def terminate_saves(client: Client) -> None:
     saved without a worker leaves them waiting, under ids a later test's saves reuse."""
     running = (
         "ExecutionStatus = 'Running' AND WorkflowType IN"
-        f" ('{SEGMENT_WORKFLOW}', '{RFM_SCORING_WORKFLOW}')"
+        f" ('{SEGMENT_WORKFLOW}', '{RFM_SCORING_WORKFLOW}', '{PREDICTION_TRAINING_WORKFLOW}')"
     )
     async for execution in client.list_workflows(running):
         with contextlib.suppress(RPCError):
