@@ -13,7 +13,8 @@ with its control by:
 - a **two-proportion z-test**, two-sided, with the pooled rate under the null (as
   statsmodels' `proportions_ztest`);
 - `significant`: p < 0.05 **and** the interval excludes a lift of 0 (the two agree
-  except near the edge, where both must say so);
+  except near the edge, where both must say so) **and** neither arm is too small to read
+  (below): a p-value from one control viewer is not one to act on;
 - an **always-valid interval** for the lift from the mixture sequential probability ratio
   test (mSPRT, Johari, Pekelis and Walsh, "Always valid inference", 2017, the basis of
   Optimizely's Stats Engine) with a normal mixture over the same log ratio: with the
@@ -195,13 +196,19 @@ def compare(
     """Every figure of a treatment against its control (see the module docstring)."""
     interval = lift_interval(treatment, control, confidence=confidence)
     p_value = two_proportion_p_value(treatment, control)
+    warning = small_sample_warning(treatment, control)
     return Comparison(
         lift=lift(treatment, control),
         lift_ci=interval,
         p_value=p_value,
-        significant=p_value is not None and p_value < 1 - confidence and _excludes_zero(interval),
+        significant=(
+            warning is None
+            and p_value is not None
+            and p_value < 1 - confidence
+            and _excludes_zero(interval)
+        ),
         always_valid_ci=always_valid_interval(
             treatment, control, alpha=1 - confidence, mixing_variance=mixing_variance
         ),
-        warning=small_sample_warning(treatment, control),
+        warning=warning,
     )

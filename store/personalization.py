@@ -1092,7 +1092,9 @@ class ExperienceFigures(ArmFigures):
         description="95% interval for the lift (delta method on the log rate ratio)"
     )
     p_value: float | None = Field(description="two-sided, pooled two-proportion z-test")
-    significant: bool = Field(description="p < 0.05 and lift_ci excludes 0")
+    significant: bool = Field(
+        description="p < 0.05, lift_ci excludes 0 and neither group is too small to read"
+    )
     always_valid_ci: tuple[float, float] | None = Field(
         description="95% mSPRT interval for the lift: valid however often it is read"
     )

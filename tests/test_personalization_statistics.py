@@ -151,6 +151,15 @@ def test_a_warning_when_a_group_is_too_small() -> None:
     assert without.warning and not without.significant
 
 
+def test_a_group_too_small_to_read_is_never_significant() -> None:
+    # One control viewer who converted: the z-test says p < 0.05, the interval excludes
+    # 0, and still nobody should act on it.
+    tiny = compare(Arm(24, 4), Arm(1, 1))
+    assert tiny.p_value is not None and tiny.p_value < 0.05
+    assert tiny.lift_ci is not None and tiny.lift_ci[1] < 0
+    assert tiny.warning and not tiny.significant
+
+
 def test_the_always_valid_interval_by_hand_and_wider_than_the_fixed_one() -> None:
     # d +- sqrt(V (V + t2) / t2 * (2 log 20 + log((V + t2) / V)))
     d = math.log(0.2 / 0.15)
