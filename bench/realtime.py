@@ -365,6 +365,21 @@ class EventPoster:
             self.opened += 1
             self.free.put_nowait(await asyncio.open_connection(self.host, self.port))
         reader, writer = await self.free.get()
+        try:
+            status = await self._exchange(reader, writer, body)
+        except (ConnectionError, IndexError, asyncio.IncompleteReadError):
+            # The server closed an idle kept-alive connection: again on a new one (an
+            # event_id stored twice is answered as a repeat, never stored twice).
+            writer.close()
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            status = await self._exchange(reader, writer, body)
+            status = 201 if status == 200 else status
+        self.free.put_nowait((reader, writer))
+        return status
+
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+    ) -> int:
         writer.write(self.head + str(len(body)).encode() + b"\r\n\r\n" + body)
         status = int((await reader.readline()).split()[1])
         length = 0
@@ -372,7 +387,6 @@ class EventPoster:
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
         await reader.readexactly(length)
-        self.free.put_nowait((reader, writer))
         return status
 
     async def close(self) -> None:
