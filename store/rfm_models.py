@@ -220,9 +220,7 @@ def customer_scores(conn: Connection, *, customer_id: str) -> list[CustomerScore
     # customer alone they scanned every score (340 ms at a million customers).
     rows = conn.execute(
         select(scores)
-        .where(
-            scores.c.model_slug.in_(select(models.c.slug)), scores.c.customer_id == customer_id
-        )
+        .where(scores.c.model_slug.in_(select(models.c.slug)), scores.c.customer_id == customer_id)
         .order_by(scores.c.model_slug)
     )
     return [
