@@ -454,6 +454,14 @@ def test_a_segment_is_created_and_edited_with_temporal(
 # --- the cache of aggregates ------------------------------------------------------------------
 
 
+def _eventually(read: Any) -> Any:
+    deadline = time.monotonic() + 5
+    while (value := read()) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return value
+
+
 def test_aggregates_wait_briefly_then_serve_stale_values_while_refreshing(
     sqlite_engine: Engine,
 ) -> None:
@@ -468,32 +476,36 @@ def test_aggregates_wait_briefly_then_serve_stale_values_while_refreshing(
 
     assert cache.get(("k",), slow, max_age=60) is None  # still computing
     assert cache.get(("k",), slow, max_age=60) is None  # asked twice, computed once
+    time.sleep(0.5)  # the computation takes at least half a second: kept for five
     release.set()
-    deadline = time.monotonic() + 5
-    while (value := cache.get(("k",), slow, max_age=60)) is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert value is not None and value.value == 1 and len(calls) == 1
-    # Stale: the old value at once, a new one computed behind it.
-    stale = cache.get(("k",), slow, max_age=0)
+    value = _eventually(lambda: cache.get(("k",), slow, max_age=60))
+    assert value.value == 1 and len(calls) == 1
+
+    # Stale: the old value at once, the next computed behind it.
+    counter: list[int] = []
+
+    def quick(_: Any) -> int:
+        counter.append(1)
+        return len(counter)
+
+    assert _eventually(lambda: cache.get(("q",), quick, max_age=0)).value == 1
+    time.sleep(0.05)  # older than ten times its (millisecond) computation
+    stale = cache.get(("q",), quick, max_age=0)
     assert stale is not None and stale.value == 1
-    deadline = time.monotonic() + 5
-    while len(calls) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    while (fresh := cache.get(("k",), slow, max_age=60)) is not None and fresh.value != 2:
-        time.sleep(0.01)
-    assert fresh is not None and fresh.value == 2
+    _eventually(lambda: None if len(counter) < 2 else True)
+    assert _eventually(lambda: cache.get(("q",), quick, max_age=60)).value == 2
+
+    # A slow computation is kept ten times as long as it took, whatever max_age says.
+    assert cache.get(("k",), slow, max_age=0).value == 1
+    assert len(calls) == 1
 
     def broken(_: Any) -> int:
         raise RuntimeError("no such table")
 
     with pytest.raises(RuntimeError, match="no such table"):
         cache.get(("broken",), broken, max_age=60)
-    cache.forget("k")  # forgotten: computed afresh
-    deadline = time.monotonic() + 5
-    while (again := cache.get(("k",), lambda _: 7, max_age=60)) is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert again.value == 7
+    cache.forget("q")  # forgotten: computed afresh
+    assert _eventually(lambda: cache.get(("q",), quick, max_age=60)).value == 3
     cache.close()
 
 
