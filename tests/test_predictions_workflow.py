@@ -170,7 +170,10 @@ def test_a_new_event_rescores_the_customer_and_segments_follow(store_engine):
     assert members == {c for c, r in before.items() if r.level != "low"}
     now = datetime.now(UTC)
     burst = [EventRow(quiet, "Visit", now - timedelta(minutes=m)) for m in range(1, 6)]
-    burst.append(EventRow(quiet, "Purchase", now - timedelta(seconds=30), {"total_price": 60}))
+    burst += [
+        EventRow(quiet, "Purchase", now - timedelta(days=d, seconds=30), {"total_price": 60})
+        for d in range(4)
+    ]
     burst.append(EventRow("newcomer", "Visit", now - timedelta(seconds=10)))
     load(store_engine, burst)
     drain_realtime(store_engine)
