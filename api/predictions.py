@@ -17,13 +17,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import orjson
-from fastapi import Header, Query, Request, Response
+from fastapi import Header, Request, Response
 from fastapi.concurrency import contextmanager_in_threadpool, run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Connection, Engine
 
-from api.boundary import CONFLICT, NEEDS_TEMPORAL, resource_router
+from api.boundary import CONFLICT, NEEDS_TEMPORAL, PageLimit, resource_router
 from api.deps import EngineDep, MarketerKey, SupportKey, TemporalUnavailable
 from api.schedules import start_prediction_training, sync_prediction_schedule
 from core.bounds import Instant
@@ -136,7 +136,7 @@ async def create(
 def list_(
     engine: EngineDep,
     _: SupportKey,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
 ) -> PredictiveModelsPublic:
     """Models by slug, each with its latest training's status."""
@@ -236,7 +236,7 @@ def trainings(
     slug: str,
     engine: EngineDep,
     _: SupportKey,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: PageLimit = 20,
 ) -> TrainingsPublic:
     """The model's trainings, newest first, each with its status and figures."""
     with engine.connect() as conn:
@@ -269,7 +269,7 @@ def scores(
     slug: str,
     engine: EngineDep,
     _: SupportKey,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: PageLimit = 100,
     cursor: str | None = None,
     accept: Annotated[str, Header()] = "application/json",
 ) -> PredictionScoresPublic | StreamingResponse:
