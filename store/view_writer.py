@@ -56,6 +56,7 @@ class ViewWriter:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._flushed = threading.Condition()
+        self._writing = False
         self.stored = 0
         """Views committed since the writer opened."""
         self.lost = 0
@@ -101,15 +102,18 @@ class ViewWriter:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything recorded before this call is stored (or lost)."""
-        target = len(self._pending)
-        if not target and not self._retry:
+        if not self._waiting():
             return
         with self._flushed:
             self._wake.set()
             deadline = time.monotonic() + timeout
-            while (self._pending or self._retry) and time.monotonic() < deadline:
+            while self._waiting() and time.monotonic() < deadline:
                 self._flushed.wait(0.05)
                 self._wake.set()
+
+    def _waiting(self) -> bool:
+        """Views recorded and not yet stored (or lost), a batch being written included."""
+        return bool(self._pending or self._retry or self._writing)
 
     def _run(self) -> None:
         while True:
@@ -117,10 +121,14 @@ class ViewWriter:
             self._wake.clear()
             stopping = self._stopping
             while True:
+                # Set before the views leave the queue: `flush` sees them at every moment.
+                self._writing = True
                 retried, fresh = self._take()
                 if not retried and not fresh:
+                    self._writing = False
                     break
                 self._write(retried, fresh, final=stopping)
+                self._writing = False
                 if len(self._pending) < self._max_batch and not stopping:
                     break
             with self._flushed:

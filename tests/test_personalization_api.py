@@ -559,3 +559,26 @@ raise SystemExit("an unhandled error ends the process")
     )
     assert done.returncode == 1, done.stderr
     assert "lost 7 views of personalisation campaigns" in done.stderr
+
+
+def test_flush_waits_for_the_batch_being_written(sqlite_engine) -> None:
+    import threading
+
+    from store.personalization import ViewRecord
+    from store.view_writer import ViewWriter
+
+    taken = threading.Event()
+
+    def slow(engine, views):  # noqa: ANN001, ANN202
+        taken.set()
+        time.sleep(0.3)
+        return len(views)
+
+    writer = ViewWriter(sqlite_engine, flush_seconds=0.01, store=slow)
+    writer.open()
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+    writer.record_many([ViewRecord("home", 1, "a", "VIP", "VIP", 5_000, at)] * 3)
+    assert taken.wait(5)  # the batch left the queue and is being written
+    writer.flush()
+    assert writer.stored == 3
+    writer.close()

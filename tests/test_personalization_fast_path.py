@@ -7,6 +7,7 @@ Both record one view per decision of an active campaign."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -173,3 +174,30 @@ def test_a_paused_campaign_is_answered_alike(api, answered) -> None:  # noqa: AN
         fast, slow = _both(api, "GET", f"{DECIDE}?customer_id={customer}", api.headers("web"))
         assert fast == slow and answered == [True]
         assert b'"active":false' in fast[2]
+
+
+def test_a_campaign_changed_by_another_process_is_seen_within_the_check(
+    api, store_engine, answered
+) -> None:  # noqa: ANN001
+    _customers(api)
+    with api_harness(store_engine) as other:  # another API process on the same store
+        other.client.app.state.campaigns.check_seconds = 0.2
+        first = other.get(f"{DECIDE}?customer_id=c-1", role="web").json()
+        assert first["version"] == 1
+        raw = {**shipped_campaign(), "control_share": 0.2}
+        assert (
+            api.client.put(
+                f"/v1/personalizations/{SLUG}", json=raw, headers=api.headers("marketer")
+            ).status_code
+            == 200
+        )
+        assert api.post(f"/v1/personalizations/{SLUG}/activate", role="marketer").status_code == 200
+        versions = set()
+        answered.clear()
+        for _ in range(40):  # up to 4 s; the check falls due after 0.2 s
+            versions.add(other.get(f"{DECIDE}?customer_id=c-1", role="web").json()["version"])
+            if 2 in versions:
+                break
+            time.sleep(0.1)
+        assert 2 in versions
+        assert all(answered)  # the fast path checked it again itself
