@@ -21,7 +21,9 @@ from core.prediction_learning import (
     bgnbd_p_alive,
     brier,
     calibration_table,
+    design_matrix,
     fit_bgnbd,
+    fit_model,
     fit_rate_table,
     quintile_scores,
     rfm_heuristic,
@@ -198,3 +200,26 @@ def test_auc_brier_and_calibration_by_hand():
     assert table[9].mean_predicted == pytest.approx(0.975)
     assert (table[0].observed_rate, table[1].observed_rate, table[9].observed_rate) == (0, 1, 1)
     assert table[2].mean_predicted is None
+
+
+def test_a_few_rows_are_predicted_as_the_calibrated_estimator_predicts_them():
+    rng = np.random.default_rng(4)
+    columns = (
+        "recency_days",
+        "frequency",
+        "ipi_mean",
+        "ipi_recent",
+        "target_last_horizon",
+        "target_prev_horizon",
+    )
+    values = rng.gamma(2.0, 10.0, size=(3_000, len(columns)))
+    values[rng.random(values.shape) < 0.1] = np.nan
+    frame = FeatureFrame([f"c{i}" for i in range(3_000)], columns, values)
+    outcomes = (rng.random(3_000) < 1 / (1 + np.nan_to_num(values[:, 0], nan=50) / 20)).astype(int)
+    fitted = fit_model([frame], [outcomes])
+    few = FeatureFrame(frame.customer_ids[:40], columns, values[:40])
+    matrix, _ = design_matrix(few)
+    assert fitted.predict(few) == pytest.approx(
+        fitted.estimator.predict_proba(matrix)[:, 1], abs=1e-12
+    )
+    assert len(fitted.estimator.calibrated_classifiers_) == 3
